@@ -1,0 +1,3 @@
+from selftune.cli import main
+
+raise SystemExit(main())

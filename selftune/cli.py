@@ -1,0 +1,90 @@
+"""`selftune VERB [flags]`: maps each verb to its options dataclass and its function."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from selftune.errors import SelftuneError
+
+# verb -> (module with `ARGS` and `run(args)`, one-line help). Only verbs that work are listed.
+VERBS: dict[str, tuple[str, str]] = {
+    "infer": ("selftune.commands.infer", "chat in the terminal, or answer a dataset into JSONL"),
+    "identity": ("selftune.commands.identity", "write the built-in identity dataset, filled in"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: selftune VERB [flags]  (or selftune VERB config.yaml [flags])", "", "verbs:"]
+    lines += [f"  {verb:<10} {text}" for verb, (_, text) in VERBS.items()]
+    lines += ["", "`selftune VERB --help` lists a verb's flags."]
+    return "\n".join(lines)
+
+
+def quiet_libraries(debug: bool) -> None:
+    """Our own log lines say what is happening; library chatter only under --debug."""
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="[selftune] %(message)s",
+        stream=sys.stderr,
+    )
+    if not debug:
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
+        except ImportError:
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from selftune import __version__
+
+        print(f"selftune {__version__}")
+        return 0
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        print(f"selftune: unknown verb '{verb}'\n\n{usage()}", file=sys.stderr)
+        return 2
+    debug = "--debug" in rest and rest[rest.index("--debug") + 1 :][:1] != ["false"]
+    quiet_libraries(debug)
+    try:
+        module = importlib.import_module(VERBS[verb][0])
+        from selftune.args import parse_args
+
+        args = parse_args(module.ARGS, rest, prog=f"selftune {verb}")
+        run: Callable[[Any], int | None] = module.run
+        return int(run(args) or 0)
+    except SelftuneError as exc:
+        if debug:
+            raise
+        print(f"selftune: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("\nselftune: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an unexpected failure: one line, the trace with --debug
+        if debug:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(
+            f"selftune: error: {type(exc).__name__}: {first} (rerun with --debug for the trace)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""One module per CLI verb: `ARGS` (its options dataclass) and `run(args)`."""

@@ -1,0 +1,68 @@
+"""`selftune infer` as a user runs it: a real process, piped stdin, real model files."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def selftune(*args, stdin="", env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "selftune", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.mark.slow
+def test_piped_chat_with_embedded_model():
+    done = selftune(
+        "infer", "--model", "smollm2-135m", "--temperature", "0", "--max_new_tokens", "40",
+        stdin="What is the capital of France?\n",
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Paris" in done.stdout
+
+
+def test_missing_model_is_one_line_no_trace(tmp_path):
+    done = selftune("infer", "--model", "/no/such/model")
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "/no/such/model" in lines[0]
+    assert "Traceback" not in done.stderr
+
+
+def test_unknown_flag_is_usage_error():
+    done = selftune("infer", "--model", "x", "--no_such_flag", "1")
+    assert done.returncode == 2
+    assert "no_such_flag" in done.stderr
+
+
+def test_batch_mode_from_config_file(tiny_model_dir, tmp_path):
+    data = tmp_path / "val.jsonl"
+    data.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "Hi"}]}) + "\n"
+        + json.dumps({"instruction": "Say yes", "input": "", "output": "yes"}) + "\n",
+        encoding="utf-8",
+    )
+    config = tmp_path / "infer.yaml"
+    config.write_text(
+        f"model: {tiny_model_dir}\nval_dataset: [{data}]\nmax_new_tokens: 5\nstream: false\n"
+    )
+    result = tmp_path / "res.jsonl"
+    done = selftune("infer", str(config), "--result_path", str(result))
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in result.read_text().splitlines()]
+    assert [r["query"] for r in rows] == ["Hi", "Say yes"]
+    assert rows[1]["labels"] == "yes"
+
+
+def test_help_lists_working_verbs():
+    done = selftune("--help")
+    assert done.returncode == 0
+    assert "infer" in done.stdout and "identity" in done.stdout
