@@ -123,3 +123,93 @@ def parse_args(cls: type, argv: list[str], prog: str) -> Any:
     if unknown:
         raise UsageError(f"{prog}: unknown flag(s): {' '.join(unknown)} (see {prog} --help)")
     return parsed
+
+
+@dataclass
+class TrainArgs:
+    train_type: str = _help("lora, dora, full or qlora", default="lora")
+    tuner_type: str | None = _help("ms-swift 4 spelling of --train_type", default=None)
+    num_train_epochs: float | None = _help(
+        "passes over the data (default 3; small models: 2)", default=None
+    )
+    max_steps: int = _help("optimizer steps; overrides epochs when > 0", default=-1)
+    per_device_train_batch_size: int = _help("rows per micro-batch", default=1)
+    per_device_eval_batch_size: int = _help("rows per eval batch", default=1)
+    learning_rate: float | None = _help(
+        "default 1e-4 (LoRA), 1e-5 (full); 1e-3 for LoRA on models under 1B parameters",
+        default=None,
+    )
+    lora_rank: int = _help("LoRA rank", default=8)
+    lora_alpha: int = _help("LoRA alpha", default=32)
+    lora_dropout: float = _help("LoRA dropout", default=0.05)
+    target_modules: list[str] = _help(
+        "all-linear or module names", default_factory=lambda: ["all-linear"]
+    )
+    gradient_accumulation_steps: int | None = _help(
+        "micro-batches per optimizer step (default: 16 rows per step)", default=None
+    )
+    eval_steps: int | None = _help("evaluate every N steps (default: save_steps)", default=None)
+    save_steps: int = _help(
+        "save a checkpoint every N steps (the last step is always saved)", default=500
+    )
+    save_total_limit: int | None = _help(
+        "most checkpoints kept (best by eval loss and the last)", default=None
+    )
+    logging_steps: int = _help("log every N steps", default=5)
+    output_dir: str = _help("runs go to OUTPUT_DIR/vN-YYYYMMDD-HHMMSS", default="output")
+    warmup_ratio: float = _help("share of steps spent warming up the learning rate", default=0.0)
+    weight_decay: float = _help("AdamW weight decay", default=0.1)
+    lr_scheduler_type: str = _help("cosine, linear or constant", default="cosine")
+    max_grad_norm: float = _help("gradient clipping", default=1.0)
+    gradient_checkpointing: bool | None = _help(
+        "recompute activations in backward to save memory (default: on for CUDA, off on CPU)",
+        default=None,
+    )
+    resume_from_checkpoint: str | None = _help("checkpoint folder to continue from", default=None)
+    packing: bool = _help("pack short rows into max_length sequences", default=False)
+    dataloader_num_workers: int = _help(
+        "accepted for ms-swift compatibility (data is pre-tokenised)", default=0
+    )
+    replay: int = _help("add N general conversations answered by the base model itself", default=0)
+
+
+@dataclass
+class SftArgs(ModelArgs, DataArgs, TrainArgs):
+    """`selftune sft`: every flag of the tutorial's `swift sft` commands."""
+
+
+@dataclass
+class EvalArgs(ModelArgs):
+    """`selftune eval`: identity hit rate and retention of --adapters against their base."""
+
+    model_name: list[str] = _help(
+        "identity name ZH [EN] (default: the checkpoint's)", default_factory=list
+    )
+    model_author: list[str] = _help(
+        "identity author ZH [EN] (default: the checkpoint's)", default_factory=list
+    )
+    system: str | None = _help("training system prompt (default: the checkpoint's)", default=None)
+    identity_file: str | None = _help(
+        "JSONL of {lang, query, expect} to use instead of the shipped set", default=None
+    )
+    general_file: str | None = _help(
+        "JSONL of {lang, question, answers} to use instead of the shipped set", default=None
+    )
+    max_new_tokens: int = _help("longest answer per question", default=48)
+    output: str | None = _help("eval.json path (default: beside the checkpoint)", default=None)
+
+
+@dataclass
+class DemoArgs(SftArgs):
+    """`selftune demo`: `sft` with the embedded model and the built-in identity as defaults."""
+
+    model: str | None = _help("model to tune", default="smollm2-135m")
+    dataset: list[str] = _help("training data", default_factory=lambda: ["identity"])
+    model_name: list[str] = _help(
+        "identity name: ZH [EN]", default_factory=lambda: ["星河", "Xinghe"]
+    )
+    model_author: list[str] = _help(
+        "identity author: ZH [EN]", default_factory=lambda: ["北辰实验室", "Beichen Lab"]
+    )
+    output_dir: str = _help("where the demo's run goes", default="output/demo")
+    replay: int = _help("general conversations answered by the base model, mixed in", default=64)

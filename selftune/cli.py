@@ -12,7 +12,10 @@ from selftune.errors import SelftuneError
 
 # verb -> (module with `ARGS` and `run(args)`, one-line help). Only verbs that work are listed.
 VERBS: dict[str, tuple[str, str]] = {
+    "demo": ("selftune.commands.demo", "the whole story on the embedded model, with numbers"),
     "infer": ("selftune.commands.infer", "chat in the terminal, or answer a dataset into JSONL"),
+    "sft": ("selftune.commands.sft", "fine-tune: LoRA (default), DoRA or full"),
+    "eval": ("selftune.commands.eval", "identity hit rate and retention of an adapter vs its base"),
     "identity": ("selftune.commands.identity", "write the built-in identity dataset, filled in"),
 }
 

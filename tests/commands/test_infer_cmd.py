@@ -22,7 +22,13 @@ def selftune(*args, stdin="", env=None):
 @pytest.mark.slow
 def test_piped_chat_with_embedded_model():
     done = selftune(
-        "infer", "--model", "smollm2-135m", "--temperature", "0", "--max_new_tokens", "40",
+        "infer",
+        "--model",
+        "smollm2-135m",
+        "--temperature",
+        "0",
+        "--max_new_tokens",
+        "40",
         stdin="What is the capital of France?\n",
     )
     assert done.returncode == 0, done.stderr
@@ -46,8 +52,10 @@ def test_unknown_flag_is_usage_error():
 def test_batch_mode_from_config_file(tiny_model_dir, tmp_path):
     data = tmp_path / "val.jsonl"
     data.write_text(
-        json.dumps({"messages": [{"role": "user", "content": "Hi"}]}) + "\n"
-        + json.dumps({"instruction": "Say yes", "input": "", "output": "yes"}) + "\n",
+        json.dumps({"messages": [{"role": "user", "content": "Hi"}]})
+        + "\n"
+        + json.dumps({"instruction": "Say yes", "input": "", "output": "yes"})
+        + "\n",
         encoding="utf-8",
     )
     config = tmp_path / "infer.yaml"

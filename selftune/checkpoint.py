@@ -1,0 +1,198 @@
+"""Run folders, atomic checkpoint saves, rotation, and the state a resume needs.
+
+A checkpoint is written under a temporary name and renamed when complete, so a crash or a full
+disk never leaves a broken checkpoint where a good one was. Our own state files are safetensors
+and JSON (no pickle).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from selftune.errors import SelftuneError
+
+STATE_FILE = "training_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+RNG_FILE = "rng_state.safetensors"
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def new_run_dir(output_dir: Path) -> Path:
+    """OUTPUT_DIR/vN-YYYYMMDD-HHMMSS, N one more than the highest existing version."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    versions = [
+        int(m.group(1))
+        for child in output_dir.iterdir()
+        if (m := re.match(r"^v(\d+)-", child.name)) and child.is_dir()
+    ]
+    version = max(versions, default=-1) + 1
+    run_dir = output_dir / f"v{version}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir.mkdir()
+    return run_dir
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    found = []
+    for child in run_dir.iterdir() if run_dir.is_dir() else []:
+        match = CHECKPOINT_RE.match(child.name)
+        if match and child.is_dir():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(value, ensure_ascii=False, indent=2), encoding="utf-8")
+    tmp.replace(path)
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Flatten AdamW state into named tensors plus the JSON-able rest (hyperparameters)."""
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, Any] = {"param_groups": state["param_groups"], "state": {}}
+    for index, entry in state["state"].items():
+        plain["state"][str(index)] = {}
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                plain["state"][str(index)][key] = value
+    return tensors, plain
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, plain: dict) -> None:
+    state: dict[int, dict[str, Any]] = {int(i): dict(rest) for i, rest in plain["state"].items()}
+    for name, value in tensors.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": plain["param_groups"]})
+
+
+def rng_tensors() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, rng in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = rng
+    np_state = np.random.get_state()
+    tensors["numpy.keys"] = torch.from_numpy(np_state[1].astype(np.int64))
+    plain = {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    return tensors, plain
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], plain: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    version, values, gauss = plain["python"]
+    random.setstate((version, tuple(values), gauss))
+    kind, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state(
+        (kind, tensors["numpy.keys"].numpy().astype(np.uint32), pos, has_gauss, cached)
+    )
+
+
+@dataclass
+class TrainingState:
+    """What a resume needs besides weights and optimizer: where we were and how it went."""
+
+    step: int
+    epoch: float
+    micro_batches_done: int
+    best_eval_loss: float | None = None
+    best_checkpoint: str | None = None
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: Any,
+    tokenizer: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: TrainingState,
+    args_dict: dict[str, Any],
+    full_model: bool,
+) -> Path:
+    """Write checkpoint-STEP atomically: temp folder, then rename over any older one."""
+    from safetensors.torch import save_file
+
+    final = run_dir / f"checkpoint-{step}"
+    tmp = run_dir / f".checkpoint-{step}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if full_model:
+        tokenizer.save_pretrained(tmp)
+    opt_tensors, opt_plain = optimizer_tensors(optimizer)
+    save_file(opt_tensors, str(tmp / OPTIMIZER_FILE))
+    rng, rng_plain = rng_tensors()
+    save_file(rng, str(tmp / RNG_FILE))
+    write_json_atomic(
+        tmp / STATE_FILE,
+        {
+            **state.__dict__,
+            "optimizer": opt_plain,
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_plain,
+        },
+    )
+    write_json_atomic(tmp / "args.json", args_dict)
+    if final.exists():
+        trash = run_dir / f".trash-{step}-{os.getpid()}"
+        final.rename(trash)
+        tmp.rename(final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        tmp.rename(final)
+    return final
+
+
+def load_training_state(
+    checkpoint: Path, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> TrainingState:
+    """Restore optimizer, scheduler and RNG from a checkpoint; return its position."""
+    from safetensors.torch import load_file
+
+    state_path = checkpoint / STATE_FILE
+    if not state_path.is_file():
+        raise SelftuneError(f"--resume_from_checkpoint {checkpoint}: no {STATE_FILE} in it")
+    saved = json.loads(state_path.read_text(encoding="utf-8"))
+    load_optimizer(optimizer, load_file(str(checkpoint / OPTIMIZER_FILE)), saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    restore_rng(load_file(str(checkpoint / RNG_FILE)), saved["rng"])
+    fields = TrainingState.__dataclass_fields__
+    return TrainingState(**{k: v for k, v in saved.items() if k in fields})
+
+
+def rotate_checkpoints(run_dir: Path, limit: int | None, best: str | None) -> None:
+    """Keep at most `limit` checkpoints: the last, the best by eval loss, then the newest."""
+    if not limit or limit < 1:
+        return
+    found = list_checkpoints(run_dir)
+    keep = [found[-1][1]] if found else []
+    if best and limit > 1 and (run_dir / best).exists() and run_dir / best not in keep:
+        keep.append(run_dir / best)
+    for _, path in reversed(found):
+        if len(keep) >= limit:
+            break
+        if path not in keep:
+            keep.append(path)
+    for _, path in found:
+        if path not in keep:
+            shutil.rmtree(path, ignore_errors=True)

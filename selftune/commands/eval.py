@@ -1,0 +1,93 @@
+"""`selftune eval`: prove the identity took and the general skills stayed."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+from selftune.args import EvalArgs
+from selftune.checkpoint import write_json_atomic
+from selftune.errors import SelftuneError
+from selftune.evaluate import (
+    EvalReport,
+    Identity,
+    conditions,
+    load_general_questions,
+    load_heldout_systems,
+    load_identity_questions,
+    markdown,
+    score_identity,
+    score_retention,
+)
+
+ARGS = EvalArgs
+log = logging.getLogger(__name__)
+
+
+def run_eval(
+    loaded, identity: Identity, train_system: str | None, default_system: str | None, args: EvalArgs
+) -> EvalReport:
+    identity_file = Path(args.identity_file) if args.identity_file else None
+    general_file = Path(args.general_file) if args.general_file else None
+    for path in (identity_file, general_file):
+        if path is not None and not path.is_file():
+            raise SelftuneError(f"{path}: no such file")
+    report = EvalReport()
+    systems = conditions(train_system, default_system, load_heldout_systems())
+    log.info("identity: %d conditions", len(systems))
+    score_identity(
+        loaded.model,
+        loaded.tokenizer,
+        load_identity_questions(identity_file),
+        identity,
+        systems,
+        report,
+        args.max_new_tokens,
+    )
+    log.info("retention on general questions")
+    score_retention(
+        loaded.model,
+        loaded.tokenizer,
+        load_general_questions(general_file),
+        report,
+        args.max_new_tokens,
+    )
+    return report
+
+
+def run(args: EvalArgs) -> int:
+    from selftune.data.identity import model_default_system
+    from selftune.models import checkpoint_args, load_for_inference
+
+    if not args.adapters:
+        raise SelftuneError(
+            "selftune eval compares a tuned model with its base: pass --adapters CKPT"
+        )
+    saved = checkpoint_args(Path(args.adapters[0]))
+    names = args.model_name or saved.get("model_name") or []
+    authors = args.model_author or saved.get("model_author") or []
+    if not names or not authors:
+        raise SelftuneError(
+            "the checkpoint names no identity: pass --model_name and --model_author"
+        )
+    train_system = args.system if args.system is not None else saved.get("system")
+    args_for_load = dataclasses.replace(args, system=train_system)
+    loaded = load_for_inference(args_for_load)
+    report = run_eval(
+        loaded, Identity(names, authors), train_system, model_default_system(loaded.tokenizer), args
+    )
+    table = markdown(report)
+    print(table)
+    output = Path(args.output) if args.output else Path(args.adapters[0]) / "eval.json"
+    write_json_atomic(
+        output,
+        {
+            **dataclasses.asdict(report),
+            "markdown": table,
+            "identity_names": names,
+            "identity_authors": authors,
+        },
+    )
+    log.info("wrote %s", output)
+    return 0

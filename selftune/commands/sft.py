@@ -1,0 +1,168 @@
+"""`selftune sft`: check everything, read the data, then load the model and train."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import platform
+from pathlib import Path
+from typing import Any
+
+from selftune.args import SftArgs
+from selftune.errors import SelftuneError, UsageError
+
+ARGS = SftArgs
+log = logging.getLogger(__name__)
+TRAIN_TYPES = ("lora", "dora", "full", "qlora")
+
+
+def check_args(args: SftArgs) -> None:
+    """Everything that can be wrong with the flags alone, before any file is read."""
+    if args.tuner_type:
+        args.train_type = args.tuner_type
+    args.train_type = args.train_type.lower()
+    if args.train_type not in TRAIN_TYPES:
+        raise UsageError(f"--train_type {args.train_type}: use one of {', '.join(TRAIN_TYPES)}")
+    if args.train_type == "qlora":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SelftuneError(
+                "--train_type qlora needs a CUDA GPU (4-bit kernels); "
+                "use --train_type lora on this machine"
+            )
+    if not args.dataset:
+        raise UsageError("no training data: pass --dataset (for example --dataset identity)")
+    if not args.model and not args.resume_from_checkpoint:
+        raise UsageError("no model given: pass --model (for example --model smollm2-135m)")
+    for name in (
+        "per_device_train_batch_size",
+        "per_device_eval_batch_size",
+        "save_steps",
+        "logging_steps",
+        "max_length",
+        "lora_rank",
+    ):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be at least 1")
+    if not 0 <= args.split_dataset_ratio < 1:
+        raise UsageError("--split_dataset_ratio must be in [0, 1)")
+    if args.num_train_epochs is None:
+        args.num_train_epochs = 3.0
+    if args.resume_from_checkpoint and not Path(args.resume_from_checkpoint).is_dir():
+        raise SelftuneError(
+            f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such folder"
+        )
+
+
+def versions() -> dict[str, str]:
+    import peft
+    import torch
+    import transformers
+
+    from selftune import __version__
+
+    return {
+        "selftune": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }
+
+
+def run(args: SftArgs) -> int:
+    print(f"last checkpoint: {train_run(args)}")
+    return 0
+
+
+def train_run(args: SftArgs) -> Path:
+    """The whole `sft` job; returns the last checkpoint."""
+    check_args(args)
+    resume = Path(args.resume_from_checkpoint) if args.resume_from_checkpoint else None
+    if resume is not None and not args.model:
+        from selftune.models import checkpoint_args
+
+        args.model = checkpoint_args(resume).get("model")
+
+    from selftune.data.encode import encode_all
+    from selftune.data.identity import model_default_system, parse_identity_values
+    from selftune.data.mix import load_mixture, split, uses_identity
+    from selftune.models import load_tokenizer, resolve_model
+
+    identity = None
+    if uses_identity(args.dataset):
+        identity = parse_identity_values(args.model_name, args.model_author)
+    folder = resolve_model(args.model)
+    tokenizer = load_tokenizer(folder)
+    default_system = model_default_system(tokenizer)
+    conversations = load_mixture(
+        args.dataset,
+        args.seed,
+        identity,
+        args.system,
+        default_system,
+        args.identity_system_variants,
+    )
+    if args.val_dataset:
+        val = load_mixture(
+            args.val_dataset, args.seed, identity, args.system, default_system, False
+        )
+        train_rows = conversations
+    else:
+        train_rows, val = split(conversations, args.split_dataset_ratio, args.seed)
+    train_examples, stats = encode_all(tokenizer, train_rows, args.max_length, args.system)
+    val_examples, _ = (
+        encode_all(tokenizer, val, args.max_length, args.system) if val else ([], None)
+    )
+    if not train_examples:
+        raise SelftuneError("no training rows left after tokenisation (all truncated away?)")
+    log.info(
+        "data: %d training rows, %d eval rows; %s", len(train_examples), len(val_examples), stats
+    )
+
+    from selftune.batches import make_batches
+    from selftune.checkpoint import new_run_dir, write_json_atomic
+    from selftune.models import load_model
+    from selftune.train import seed_everything, train
+
+    seed_everything(args.seed)
+    model, tokenizer, folder = load_model(str(folder), args.torch_dtype, args.device)
+    device = str(next(model.parameters()).device)
+    if args.replay > 0:
+        from selftune.replay import replay_conversations
+
+        replayed = replay_conversations(model, tokenizer, folder, args.replay, args.seed)
+        replay_examples, _ = encode_all(tokenizer, replayed, args.max_length, args.system)
+        train_examples = train_examples + replay_examples
+        log.info("replay: %d general conversations answered by the base model", len(replayed))
+    if args.gradient_checkpointing is None:
+        args.gradient_checkpointing = device.startswith("cuda")
+    micro_batches, per_epoch = make_batches(
+        train_examples,
+        args.per_device_train_batch_size,
+        args.packing,
+        args.max_length,
+        tokenizer.pad_token_id,
+    )
+    eval_batches = (
+        make_batches(
+            val_examples,
+            args.per_device_eval_batch_size,
+            False,
+            args.max_length,
+            tokenizer.pad_token_id,
+        )[0](0)
+        if val_examples
+        else []
+    )
+    run_dir = resume.parent if resume else new_run_dir(Path(args.output_dir))
+    args_dict: dict[str, Any] = {
+        **dataclasses.asdict(args),
+        "model_folder": str(folder),
+        "default_system": default_system,
+        "versions": versions(),
+    }
+    write_json_atomic(run_dir / "args.json", args_dict)
+    log.info("run folder: %s", run_dir)
+    return train(model, tokenizer, micro_batches, per_epoch, eval_batches, args, run_dir, args_dict)

@@ -1,0 +1,384 @@
+"""The training loop: setup, step, eval, save. Plain PyTorch, no Trainer.
+
+The loss of an optimizer step is the mean over every label token of all its micro-batches (not
+the mean of micro-batch means), and logits are computed only where there are labels.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from selftune.checkpoint import (
+    TrainingState,
+    list_checkpoints,
+    load_training_state,
+    rotate_checkpoints,
+    save_checkpoint,
+)
+from selftune.errors import SelftuneError
+
+log = logging.getLogger(__name__)
+LOGIT_CHUNK = 4096  # label positions per lm_head chunk: bounds the logits held at once
+
+
+@dataclass
+class Plan:
+    """Hyperparameters resolved from flags, data size and model size."""
+
+    learning_rate: float
+    grad_accum: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    eval_steps: int
+    save_steps: int
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def count_parameters(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def default_learning_rate(train_type: str, n_params: int) -> float:
+    """ms-swift's defaults, except that LoRA on models under 1B parameters learns at 1e-3:
+    with 1e-4 a 135M model needs many more epochs to take an identity."""
+    if train_type == "full":
+        return 1e-5
+    return 1e-3 if n_params < 1_000_000_000 else 1e-4
+
+
+def make_plan(args: Any, micro_batches_per_epoch: int, n_params: int) -> Plan:
+    grad_accum = args.gradient_accumulation_steps or max(
+        1, math.ceil(16 / args.per_device_train_batch_size)
+    )
+    steps_per_epoch = max(1, math.ceil(micro_batches_per_epoch / grad_accum))
+    if args.max_steps and args.max_steps > 0:
+        total = args.max_steps
+    else:
+        total = max(1, math.ceil(steps_per_epoch * args.num_train_epochs))
+    lr = args.learning_rate or default_learning_rate(args.train_type, n_params)
+    return Plan(
+        learning_rate=lr,
+        grad_accum=grad_accum,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        warmup_steps=math.ceil(total * args.warmup_ratio),
+        eval_steps=args.eval_steps or args.save_steps,
+        save_steps=args.save_steps,
+    )
+
+
+def lr_lambda(plan: Plan, kind: str):
+    def factor(step: int) -> float:
+        if step < plan.warmup_steps:
+            return (step + 1) / (plan.warmup_steps + 1)
+        progress = (step - plan.warmup_steps) / max(1, plan.total_steps - plan.warmup_steps)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 1.0
+
+    if kind not in ("cosine", "linear", "constant"):
+        raise SelftuneError(f"--lr_scheduler_type {kind}: use cosine, linear or constant")
+    return factor
+
+
+def wrap_model(model: Any, args: Any) -> Any:
+    """LoRA/DoRA through PEFT, or all weights trainable for a full fine-tune."""
+    if args.train_type == "full":
+        model.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    targets = args.target_modules
+    config = LoraConfig(
+        r=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules="all-linear" if targets in (["all-linear"], ["all_linear"]) else targets,
+        use_dora=args.train_type == "dora",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise SelftuneError(f"--target_modules {' '.join(targets)}: {exc}") from exc
+
+
+def causal_lm(model: Any) -> Any:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def batch_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
+    """Sum of token cross-entropies over label positions, their count, and correct argmaxes."""
+    lm = causal_lm(model)
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    targets = labels[:, 1:]
+    mask = targets != -100
+    count = int(mask.sum())
+    plain_head = not (
+        getattr(lm.config, "final_logit_softcapping", None)
+        or getattr(lm.config, "logit_scale", None)
+    )
+    if plain_head:
+        hidden = lm.get_decoder()(**inputs, use_cache=False).last_hidden_state[:, :-1][mask]
+        head = lm.get_output_embeddings()
+        chunks = [head(hidden[i : i + LOGIT_CHUNK]) for i in range(0, hidden.shape[0], LOGIT_CHUNK)]
+    else:  # heads that scale or cap logits: let the model compute them
+        chunks = [lm(**inputs, use_cache=False).logits[:, :-1][mask]]
+    flat_targets = targets[mask]
+    total = torch.zeros((), device=labels.device)
+    correct = 0
+    start = 0
+    for logits in chunks:
+        part = flat_targets[start : start + logits.shape[0]]
+        total = total + F.cross_entropy(logits.float(), part, reduction="sum")
+        correct += int((logits.argmax(-1) == part).sum())
+        start += logits.shape[0]
+    return total, count, correct
+
+
+def memory_gib(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    order = list(range(n))
+    random.Random(seed * 100_003 + epoch).shuffle(order)
+    return order
+
+
+def step_groups(
+    micro_batches: Any, plan: Plan, seed: int, start_step: int
+) -> Iterator[tuple[int, float, list]]:
+    """Yield (step, epoch, micro-batches) from `start_step`: each epoch's micro-batches in a
+    seeded order, cut into groups of grad_accum. The order depends only on seed and epoch, so
+    a resumed run sees exactly the batches the uninterrupted run would have."""
+    step = 0
+    epoch = 0
+    while True:
+        batches = micro_batches(epoch)
+        order = epoch_order(len(batches), seed, epoch)
+        for start in range(0, len(order), plan.grad_accum):
+            if step >= plan.total_steps:
+                return
+            if step >= start_step:
+                group = [batches[i] for i in order[start : start + plan.grad_accum]]
+                yield step, epoch + (start + len(group)) / len(order), group
+            step += 1
+        epoch += 1
+
+
+@torch.no_grad()
+def evaluate(model: Any, batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
+    model.eval()
+    loss_sum, count, correct = 0.0, 0, 0
+    for batch in batches:
+        loss, n, ok = batch_loss(model, batch)
+        loss_sum, count, correct = loss_sum + float(loss), count + n, correct + ok
+    model.train()
+    return loss_sum / max(1, count), correct / max(1, count)
+
+
+def plot_loss(records: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def append_log(run_dir: Path, record: dict[str, Any]) -> None:
+    with (run_dir / "logging.jsonl").open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def read_log(run_dir: Path, up_to_step: int | None = None) -> list[dict[str, Any]]:
+    path = run_dir / "logging.jsonl"
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if up_to_step is None or r["step"] <= up_to_step]
+
+
+def to_device(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def train(
+    model: Any,
+    tokenizer: Any,
+    train_batches: Any,
+    micro_batches_per_epoch: int,
+    eval_batches: list[dict[str, torch.Tensor]],
+    args: Any,
+    run_dir: Path,
+    args_dict: dict[str, Any],
+) -> Path:
+    """Run the optimisation; return the last checkpoint. `train_batches(epoch)` gives that
+    epoch's micro-batches (dicts of tensors)."""
+    from tqdm import tqdm
+
+    device = str(next(model.parameters()).device)
+    plan = make_plan(args, micro_batches_per_epoch, count_parameters(model))
+    model = wrap_model(model, args)
+    if args.gradient_checkpointing:
+        causal_lm(model).gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=plan.learning_rate, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(plan, args.lr_scheduler_type)
+    )
+    state = TrainingState(step=0, epoch=0.0, micro_batches_done=0)
+    if args.resume_from_checkpoint:
+        from peft import set_peft_model_state_dict
+
+        checkpoint = Path(args.resume_from_checkpoint)
+        if args.train_type == "full":
+            from safetensors.torch import load_file
+
+            weights = {}
+            for shard in sorted(checkpoint.glob("*.safetensors")):
+                if shard.name.startswith("model"):
+                    weights.update(load_file(str(shard)))
+            causal_lm(model).load_state_dict(weights, strict=False)
+        else:
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(
+                model, load_file(str(checkpoint / "adapter_model.safetensors"))
+            )
+        state = load_training_state(checkpoint, optimizer, scheduler)
+        log.info("resumed from %s at step %d", checkpoint, state.step)
+    records = read_log(run_dir, state.step)
+    (run_dir / "logging.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    n_trainable = sum(p.numel() for p in trainable)
+    log.info(
+        "training %s: %d steps (%d micro-batches x %d per step), lr %.2g, %.2fM trainable parameters",
+        args.train_type,
+        plan.total_steps,
+        micro_batches_per_epoch,
+        plan.grad_accum,
+        plan.learning_rate,
+        n_trainable / 1e6,
+    )
+    started = time.perf_counter()
+    window = {"loss": 0.0, "tokens": 0, "correct": 0}
+    tokens_seen = 0
+    last_checkpoint: Path | None = None
+    bar = tqdm(
+        total=plan.total_steps, initial=state.step, desc="train", unit="step", file=sys.stderr
+    )
+    for step, epoch, group in step_groups(train_batches, plan, args.seed, state.step):
+        group = [to_device(b, device) for b in group]
+        n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in group)
+        step_loss = 0.0
+        for batch in group:
+            loss_sum, _, correct = batch_loss(model, batch)
+            (loss_sum / max(1, n_tokens)).backward()
+            step_loss += float(loss_sum)
+            window["correct"] += correct
+        if not math.isfinite(step_loss):
+            good = list_checkpoints(run_dir)
+            where = f"; the last good checkpoint is {good[-1][1]}" if good else ""
+            raise SelftuneError(f"the loss became {step_loss} at step {step + 1}{where}")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        window["loss"] += step_loss
+        window["tokens"] += n_tokens
+        tokens_seen += sum(int(b["input_ids"].numel()) for b in group)
+        done = step + 1
+        state.step, state.epoch = done, epoch
+        elapsed = time.perf_counter() - started
+        lr = scheduler.get_last_lr()[0]
+        bar.set_postfix(
+            loss=f"{step_loss / max(1, n_tokens):.4f}",
+            lr=f"{lr:.2e}",
+            tok_s=f"{tokens_seen / elapsed:.0f}",
+        )
+        bar.update(1)
+        record: dict[str, Any] = {}
+        if done % args.logging_steps == 0 or done == 1 or done == plan.total_steps:
+            record = {
+                "loss": round(window["loss"] / max(1, window["tokens"]), 6),
+                "token_acc": round(window["correct"] / max(1, window["tokens"]), 6),
+                "grad_norm": round(grad_norm, 6),
+                "learning_rate": lr,
+                "epoch": round(epoch, 4),
+                "step": done,
+                "elapsed": round(elapsed, 3),
+                "tokens_per_s": round(tokens_seen / elapsed, 1),
+                "memory_gib": round(memory_gib(device), 3),
+            }
+            window = {"loss": 0.0, "tokens": 0, "correct": 0}
+        at_save = done % plan.save_steps == 0 or done == plan.total_steps
+        if eval_batches and (done % plan.eval_steps == 0 or done == plan.total_steps):
+            eval_loss, eval_acc = evaluate(model, [to_device(b, device) for b in eval_batches])
+            record.update(
+                step=done, eval_loss=round(eval_loss, 6), eval_token_acc=round(eval_acc, 6)
+            )
+            if at_save and (state.best_eval_loss is None or eval_loss < state.best_eval_loss):
+                state.best_eval_loss, state.best_checkpoint = eval_loss, f"checkpoint-{done}"
+        if record:
+            append_log(run_dir, record)
+        if at_save:
+            last_checkpoint = save_checkpoint(
+                run_dir,
+                done,
+                model,
+                tokenizer,
+                optimizer,
+                scheduler,
+                state,
+                args_dict,
+                full_model=args.train_type == "full",
+            )
+            rotate_checkpoints(run_dir, args.save_total_limit, state.best_checkpoint)
+    bar.close()
+    records = read_log(run_dir)
+    if records:
+        plot_loss(records, run_dir / "train_loss.png")
+    if last_checkpoint is None:  # resumed at the very end: nothing left to do
+        last_checkpoint = list_checkpoints(run_dir)[-1][1]
+    return last_checkpoint
