@@ -130,12 +130,39 @@ def save_checkpoint(
     full_model: bool,
 ) -> Path:
     """Write checkpoint-STEP atomically: temp folder, then rename over any older one."""
-    from safetensors.torch import save_file
-
     final = run_dir / f"checkpoint-{step}"
     tmp = run_dir / f".checkpoint-{step}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        write_checkpoint_files(
+            tmp, model, tokenizer, optimizer, scheduler, state, args_dict, full_model
+        )
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed save leaves the last good one alone
+        raise
+    if final.exists():
+        trash = run_dir / f".trash-{step}-{os.getpid()}"
+        final.rename(trash)
+        tmp.rename(final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        tmp.rename(final)
+    return final
+
+
+def write_checkpoint_files(
+    tmp: Path,
+    model: Any,
+    tokenizer: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: TrainingState,
+    args_dict: dict[str, Any],
+    full_model: bool,
+) -> None:
+    from safetensors.torch import save_file
+
     model.save_pretrained(tmp, safe_serialization=True)
     if full_model:
         tokenizer.save_pretrained(tmp)
@@ -153,14 +180,6 @@ def save_checkpoint(
         },
     )
     write_json_atomic(tmp / "args.json", args_dict)
-    if final.exists():
-        trash = run_dir / f".trash-{step}-{os.getpid()}"
-        final.rename(trash)
-        tmp.rename(final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        tmp.rename(final)
-    return final
 
 
 def load_training_state(

@@ -192,6 +192,22 @@ def step_groups(
         epoch += 1
 
 
+def accumulate_gradients(
+    model: Any, group: list[dict[str, torch.Tensor]]
+) -> tuple[float, int, int]:
+    """Backward over one optimizer step's micro-batches. Each micro-batch's summed loss is
+    divided by the label tokens of the whole group, so the gradient is that of the token mean
+    over the group, whatever the micro-batch sizes. Returns (loss sum, tokens, correct)."""
+    n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in group)
+    loss_total, correct_total = 0.0, 0
+    for batch in group:
+        loss_sum, _, correct = batch_loss(model, batch)
+        (loss_sum / max(1, n_tokens)).backward()
+        loss_total += float(loss_sum)
+        correct_total += correct
+    return loss_total, n_tokens, correct_total
+
+
 @torch.no_grad()
 def evaluate(model: Any, batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
     model.eval()
@@ -310,13 +326,8 @@ def train(
     )
     for step, epoch, group in step_groups(train_batches, plan, args.seed, state.step):
         group = [to_device(b, device) for b in group]
-        n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in group)
-        step_loss = 0.0
-        for batch in group:
-            loss_sum, _, correct = batch_loss(model, batch)
-            (loss_sum / max(1, n_tokens)).backward()
-            step_loss += float(loss_sum)
-            window["correct"] += correct
+        step_loss, n_tokens, correct = accumulate_gradients(model, group)
+        window["correct"] += correct
         if not math.isfinite(step_loss):
             good = list_checkpoints(run_dir)
             where = f"; the last good checkpoint is {good[-1][1]}" if good else ""

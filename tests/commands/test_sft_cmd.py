@@ -1,0 +1,132 @@
+"""`selftune sft` as a user runs it, on a tiny random model with the real SmolLM2 tokenizer."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+TUTORIAL_FLAGS = (
+    "--train_type lora --torch_dtype float32 --num_train_epochs 10 "
+    "--per_device_train_batch_size 1 --per_device_eval_batch_size 1 --learning_rate 1e-4 "
+    "--lora_rank 8 --lora_alpha 32 --target_modules all-linear --gradient_accumulation_steps 16 "
+    "--eval_steps 50 --save_steps 50 --save_total_limit 2 --logging_steps 5 --max_length 2048 "
+    "--warmup_ratio 0.05 --dataloader_num_workers 4 --model_author swift --model_name swift-robot"
+).split()
+
+
+def selftune(*args, stdin=""):
+    return subprocess.run([sys.executable, "-m", "selftune", *map(str, args)], input=stdin,
+                          capture_output=True, text=True, timeout=900)
+
+
+def only_run_dir(output: Path) -> Path:
+    (run_dir,) = [p for p in output.iterdir() if p.is_dir()]
+    return run_dir
+
+
+def test_tutorial_command_writes_the_layout(tiny_model_dir, tmp_path):
+    output = tmp_path / "output"
+    done = selftune("sft", "--model", tiny_model_dir, "--dataset", FIXTURES / "self_cognition.json",
+                    *TUTORIAL_FLAGS, "--output_dir", output, "--system", "You are a helpful assistant.")
+    assert done.returncode == 0, done.stderr
+    run_dir = only_run_dir(output)
+    assert run_dir.name.startswith("v0-") and len(run_dir.name.split("-")) == 3
+    args = json.loads((run_dir / "args.json").read_text())
+    assert args["model"] == str(tiny_model_dir) and args["system"] == "You are a helpful assistant."
+    assert args["versions"]["torch"] == torch.__version__
+    records = [json.loads(line) for line in (run_dir / "logging.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 5, 10]  # 8 rows x 10 epochs / 16 per step
+    for key in ("loss", "grad_norm", "learning_rate", "token_acc", "epoch", "elapsed", "memory_gib"):
+        assert key in records[-1]
+    assert (run_dir / "train_loss.png").stat().st_size > 1000
+    checkpoint = run_dir / "checkpoint-10"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "args.json"):
+        assert (checkpoint / name).is_file()
+    assert [p.name for p in run_dir.iterdir() if p.name.startswith("checkpoint")] == ["checkpoint-10"]
+
+    from selftune.args import InferArgs
+    from selftune.models import load_for_inference
+
+    loaded = load_for_inference(InferArgs(adapters=[str(checkpoint)], device="cpu"))
+    assert loaded.system == "You are a helpful assistant."
+    assert loaded.folder == tiny_model_dir
+    chat = selftune("infer", "--adapters", checkpoint, "--max_new_tokens", "5", stdin="你是谁?\n")
+    assert chat.returncode == 0, chat.stderr
+
+
+def test_bad_rows_stop_before_the_model_loads(tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text("\n".join(['{"query": "q", "response": "r"}'] * 6 + ["{broken"]) + "\n")
+    done = selftune("sft", "--model", "/no/such/model", "--dataset", data,
+                    "--output_dir", tmp_path / "out")
+    assert done.returncode != 0
+    assert "bad.jsonl" in done.stderr and "line 7" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_identity_needs_name_and_author(tmp_path):
+    done = selftune("sft", "--model", "/no/such/model", "--dataset", "identity",
+                    "--output_dir", tmp_path / "out")
+    assert done.returncode != 0 and "--model_name" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+RESUME_FLAGS = (
+    "--gradient_accumulation_steps 1 --max_steps 300 --save_steps 40 --logging_steps 1 "
+    "--lora_dropout 0.1 --learning_rate 1e-3 --seed 7"
+).split()
+
+
+def train_cmd(model_dir, output, *extra):
+    return [sys.executable, "-m", "selftune", "sft", "--model", str(model_dir), "--dataset",
+            str(FIXTURES / "self_cognition.json"), "--output_dir", str(output), *RESUME_FLAGS,
+            *map(str, extra)]
+
+
+def last_logged_step(run_dir: Path) -> int:
+    path = run_dir / "logging.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
+def test_killed_run_resumes_to_the_same_weights(tiny_model_dir, tmp_path):
+    whole = subprocess.run(train_cmd(tiny_model_dir, tmp_path / "whole"), capture_output=True,
+                           text=True, timeout=900)
+    assert whole.returncode == 0, whole.stderr
+    expected = load_file(only_run_dir(tmp_path / "whole") / "checkpoint-300" / "adapter_model.safetensors")
+
+    output = tmp_path / "killed"
+    process = subprocess.Popen(train_cmd(tiny_model_dir, output), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env={**os.environ})
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and process.poll() is None:
+        runs = [p for p in output.iterdir()] if output.exists() else []
+        if runs and (runs[0] / "checkpoint-40").exists() and last_logged_step(runs[0]) >= 45:
+            break
+        time.sleep(0.005)  # polling interval, not a wait for an event
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    run_dir = only_run_dir(output)
+    saved = sorted(p.name for p in run_dir.iterdir() if p.name.startswith("checkpoint"))
+    assert "checkpoint-300" not in saved
+    latest = max(saved, key=lambda name: int(name.split("-")[1]))
+    resumed = subprocess.run(
+        train_cmd(tiny_model_dir, output, "--resume_from_checkpoint", run_dir / latest),
+        capture_output=True, text=True, timeout=900,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    got = load_file(run_dir / "checkpoint-300" / "adapter_model.safetensors")
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
+    steps = [json.loads(line)["step"] for line in (run_dir / "logging.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 300

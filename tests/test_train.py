@@ -1,0 +1,97 @@
+import math
+import types
+
+import pytest
+import torch
+
+from selftune.batches import padded
+from selftune.data.encode import Example
+from selftune.train import (
+    Plan,
+    accumulate_gradients,
+    batch_loss,
+    lr_lambda,
+    make_plan,
+    step_groups,
+    wrap_model,
+)
+
+
+def random_examples(n, vocab, seed=0):
+    rng = torch.Generator().manual_seed(seed)
+    examples = []
+    for i in range(n):
+        length = 6 + 5 * i
+        ids = torch.randint(3, vocab, (length,), generator=rng).tolist()
+        labels = [-100] * (length // 2) + ids[length // 2 :]
+        examples.append(Example(input_ids=ids, labels=labels))
+    return examples
+
+
+def lora_args(**overrides):
+    values = dict(
+        train_type="lora", lora_rank=4, lora_alpha=8, lora_dropout=0.0,
+        target_modules=["all-linear"], gradient_accumulation_steps=None,
+        per_device_train_batch_size=1, max_steps=-1, num_train_epochs=3.0, learning_rate=None,
+        warmup_ratio=0.0, eval_steps=None, save_steps=500,
+    )
+    values.update(overrides)
+    return types.SimpleNamespace(**values)
+
+
+def test_batch_loss_matches_transformers_loss(tiny_llama, smol_tokenizer):
+    batch = padded(random_examples(3, len(smol_tokenizer)), pad_id=2)
+    loss_sum, count, correct = batch_loss(tiny_llama, batch)
+    reference = tiny_llama(**batch).loss
+    assert count == int((batch["labels"][:, 1:] != -100).sum())
+    assert math.isclose(float(loss_sum) / count, float(reference), rel_tol=1e-5)
+    assert 0 <= correct <= count
+
+
+def test_gradient_accumulation_is_token_weighted(tiny_llama, smol_tokenizer):
+    """Micro-batches of very different sizes give the gradient of one big batch's token mean."""
+    model = wrap_model(tiny_llama, lora_args())
+    examples = random_examples(4, len(smol_tokenizer))
+    group = [padded(examples[:1], 2), padded(examples[1:], 2)]
+    accumulate_gradients(model, group)
+    accumulated = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    model(**padded(examples, 2)).loss.backward()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(accumulated[name], param.grad, rtol=1e-4, atol=1e-7)
+    # the mean of micro-batch means would differ here
+    first = batch_loss(model, group[0])
+    second = batch_loss(model, group[1])
+    mean_of_means = (first[0] / first[1] + second[0] / second[1]) / 2
+    token_mean = (first[0] + second[0]) / (first[1] + second[1])
+    assert abs(float(mean_of_means - token_mean)) > 1e-4
+
+
+def test_warmup_then_cosine():
+    plan = Plan(1e-3, 1, 10, total_steps=10, warmup_steps=2, eval_steps=5, save_steps=5)
+    factor = lr_lambda(plan, "cosine")
+    assert factor(0) < factor(1) < factor(2) == pytest.approx(1.0)
+    assert factor(6) == pytest.approx(0.5)
+    assert factor(10) == pytest.approx(0.0, abs=1e-9)
+    assert lr_lambda(plan, "linear")(6) == pytest.approx(0.5)
+
+
+def test_plan_defaults_follow_ms_swift():
+    plan = make_plan(lora_args(per_device_train_batch_size=2), 40, n_params=7_000_000_000)
+    assert plan.grad_accum == 8 and plan.steps_per_epoch == 5 and plan.total_steps == 15
+    assert plan.learning_rate == 1e-4
+    assert make_plan(lora_args(), 40, n_params=135_000_000).learning_rate == 1e-3
+    assert make_plan(lora_args(max_steps=7), 40, 1).total_steps == 7
+
+
+def test_resumed_steps_see_the_same_batches():
+    plan = Plan(1e-3, grad_accum=3, steps_per_epoch=4, total_steps=9, warmup_steps=0,
+                eval_steps=5, save_steps=5)
+    batches = lambda epoch: list(range(10))  # noqa: E731
+    full = list(step_groups(batches, plan, seed=1, start_step=0))
+    resumed = list(step_groups(batches, plan, seed=1, start_step=5))
+    assert [s for s, _, _ in full] == list(range(9))
+    assert resumed == full[5:]
+    assert sorted(i for _, _, g in full[:4] for i in g) == list(range(10))  # one epoch, each once
+    assert [g for _, _, g in full[:4]] != [g for _, _, g in full[4:8]]  # reshuffled per epoch
