@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
-from selftune.data.encode import Example
+if TYPE_CHECKING:
+    from selftune.data.encode import Example
 
 Batch = dict[str, torch.Tensor]
 
@@ -25,11 +27,50 @@ def padded(examples: list[Example], pad_id: int) -> Batch:
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
 
 
-def packed(examples: list[Example], max_tokens: int) -> list[Batch]:
-    """Several conversations per sequence, none attending to another (see data.pack)."""
-    from selftune.data.pack import pack_examples, packed_inputs
+def bins_first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: indices grouped so each group's total length fits `capacity`."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for b, free in enumerate(room):
+            if lengths[index] <= free:
+                bins[b].append(index)
+                room[b] -= lengths[index]
+                break
+        else:
+            bins.append([index])
+            room.append(capacity - lengths[index])
+    return bins
 
-    return [packed_inputs(pack) for pack in pack_examples(examples, max_tokens)]
+
+def packed_batch(examples: list[Example]) -> Batch:
+    """One row of several conversations: positions restart at 0 for each, and `cu_seq_lens`
+    marks the boundaries (transformers' flash-attention kwargs names, which the attention
+    function receives). Without a varlen kernel, transformers builds a block-diagonal mask from
+    the restarting `position_ids`; either way no conversation attends to another."""
+    ids = [t for e in examples for t in e.input_ids]
+    labels = [t for e in examples for t in e.labels]
+    positions = [p for e in examples for p in range(len(e.input_ids))]
+    bounds = [0]
+    for e in examples:
+        bounds.append(bounds[-1] + len(e.input_ids))
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    longest = max(len(e.input_ids) for e in examples)
+    return {
+        "input_ids": torch.tensor([ids]),
+        "labels": torch.tensor([labels]),
+        "position_ids": torch.tensor([positions]),
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu,
+        "max_length_q": longest,
+        "max_length_k": longest,
+    }
+
+
+def packed(examples: list[Example], max_tokens: int) -> list[Batch]:
+    """Pack rows into sequences of at most `max_tokens` (a longer row stays alone)."""
+    groups = bins_first_fit([len(e.input_ids) for e in examples], max_tokens)
+    return [packed_batch([examples[i] for i in group]) for group in groups]
 
 
 def make_batches(

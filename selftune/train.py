@@ -30,6 +30,7 @@ from selftune.checkpoint import (
     save_checkpoint,
 )
 from selftune.errors import SelftuneError
+from selftune.kernels.linear_ce import linear_cross_entropy
 
 log = logging.getLogger(__name__)
 LOGIT_CHUNK = 4096  # label positions per lm_head chunk: bounds the logits held at once
@@ -130,33 +131,35 @@ def causal_lm(model: Any) -> Any:
 
 
 def batch_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
-    """Sum of token cross-entropies over label positions, their count, and correct argmaxes."""
+    """Sum of token cross-entropies over label positions, their count, and correct argmaxes.
+    Logits are computed only at label positions; through a frozen head (LoRA) chunk by chunk
+    without keeping them for backward (kernels.linear_ce)."""
     lm = causal_lm(model)
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     targets = labels[:, 1:]
     mask = targets != -100
-    count = int(mask.sum())
-    plain_head = not (
-        getattr(lm.config, "final_logit_softcapping", None)
-        or getattr(lm.config, "logit_scale", None)
-    )
-    if plain_head:
-        hidden = lm.get_decoder()(**inputs, use_cache=False).last_hidden_state[:, :-1][mask]
-        head = lm.get_output_embeddings()
-        chunks = [head(hidden[i : i + LOGIT_CHUNK]) for i in range(0, hidden.shape[0], LOGIT_CHUNK)]
-    else:  # heads that scale or cap logits: let the model compute them
-        chunks = [lm(**inputs, use_cache=False).logits[:, :-1][mask]]
     flat_targets = targets[mask]
-    total = torch.zeros((), device=labels.device)
+    head = lm.get_output_embeddings()
+    special_head = getattr(lm.config, "final_logit_softcapping", None) or getattr(
+        lm.config, "logit_scale", None
+    )
+    if special_head or getattr(head, "bias", None) is not None:  # let the model make logits
+        logits = lm(**inputs, use_cache=False).logits[:, :-1][mask].float()
+        loss = F.cross_entropy(logits, flat_targets, reduction="sum")
+        return loss, len(flat_targets), int((logits.argmax(-1) == flat_targets).sum())
+    hidden = lm.get_decoder()(**inputs, use_cache=False).last_hidden_state[:, :-1][mask]
+    if not head.weight.requires_grad:
+        loss, correct = linear_cross_entropy(hidden, head.weight, flat_targets)
+        return loss, len(flat_targets), correct
+    loss = torch.zeros((), device=labels.device)
     correct = 0
-    start = 0
-    for logits in chunks:
-        part = flat_targets[start : start + logits.shape[0]]
-        total = total + F.cross_entropy(logits.float(), part, reduction="sum")
+    for start in range(0, hidden.shape[0], LOGIT_CHUNK):
+        logits = head(hidden[start : start + LOGIT_CHUNK]).float()
+        part = flat_targets[start : start + LOGIT_CHUNK]
+        loss = loss + F.cross_entropy(logits, part, reduction="sum")
         correct += int((logits.argmax(-1) == part).sum())
-        start += logits.shape[0]
-    return total, count, correct
+    return loss, len(flat_targets), correct
 
 
 def memory_gib(device: str) -> float:
@@ -203,7 +206,7 @@ def accumulate_gradients(
     for batch in group:
         loss_sum, _, correct = batch_loss(model, batch)
         (loss_sum / max(1, n_tokens)).backward()
-        loss_total += float(loss_sum)
+        loss_total += float(loss_sum.detach())
         correct_total += correct
     return loss_total, n_tokens, correct_total
 
@@ -253,8 +256,8 @@ def read_log(run_dir: Path, up_to_step: int | None = None) -> list[dict[str, Any
     return [r for r in records if up_to_step is None or r["step"] <= up_to_step]
 
 
-def to_device(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
+def to_device(batch: dict[str, Any], device: str) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def train(

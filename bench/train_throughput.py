@@ -1,0 +1,226 @@
+"""Training throughput: stock transformers + PEFT against selftune, same process, same shapes.
+
+    python bench/train_throughput.py --config bench/configs/qwen2.5-7b-instruct.config.json
+    python bench/train_throughput.py --case seq2048 --case tutorial   # a subset
+
+Random weights of the given architecture, bf16, LoRA r=8 alpha=32 all-linear. Prints one JSON
+object per measurement and a final JSON summary with the ratios. Cases:
+  seq2048   2048-token sequences, gradient checkpointing on (both)
+  best      best setting within 40 GiB (stock: no checkpointing; selftune: packed 2x2048)
+  tutorial  the tutorial's run: 8 identity rows x 10 epochs, 16 rows per optimizer step
+  mixed     the tutorial's mixed recipe: 1,008 rows of 170 +- 54 tokens, 3 epochs, 16 rows/step
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from selftune.batches import packed  # noqa: E402
+from selftune.fast_path import enable_fast_path, set_checkpointing  # noqa: E402
+from selftune.train import to_device  # noqa: E402
+
+
+USE_LIGER = True
+
+
+@dataclass
+class Example:
+    """A tokenised row, shaped as selftune.data.encode.Example."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+def build(config_path: str, device: str):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(config_path)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16,
+                                                 attn_implementation="sdpa")
+    lora = LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
+                      task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    model.train()
+    return model
+
+
+def rows(n: int, mean: float, std: float, low: int, high: int, vocab: int, seed: int):
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        length = int(min(high, max(low, rng.gauss(mean, std))))
+        ids = [rng.randrange(3, vocab) for _ in range(length)]
+        prompt = length // 3
+        out.append(Example(input_ids=ids, labels=[-100] * prompt + ids[prompt:]))
+    return out
+
+
+def padded_one(example: Example, device: str) -> dict:
+    ids = torch.tensor([example.input_ids], device=device)
+    return {"input_ids": ids, "labels": torch.tensor([example.labels], device=device)}
+
+
+def stock_step(model, micro_batches, optimizer) -> int:
+    """What users run today: model(..., labels=...).loss, mean of micro-batch means."""
+    tokens = 0
+    for batch in micro_batches:
+        loss = model(**batch).loss / len(micro_batches)
+        loss.backward()
+        tokens += batch["input_ids"].numel()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return tokens
+
+
+def selftune_step(model, micro_batches, optimizer) -> int:
+    from selftune.train import accumulate_gradients
+
+    accumulate_gradients(model, micro_batches)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return sum(int(b["input_ids"].numel()) for b in micro_batches)
+
+
+def timed(step, model, steps_batches, warmup: int):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    torch.cuda.synchronize() if torch.cuda.is_available() else None
+    for batches in steps_batches[:warmup]:
+        step(model, batches, optimizer)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    tokens = 0
+    for batches in steps_batches[warmup:]:
+        tokens += step(model, batches, optimizer)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    measured = max(1, len(steps_batches) - warmup)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+    return {"tokens_per_s": round(tokens / seconds, 1), "step_s": round(seconds / measured, 4),
+            "seconds": round(seconds, 3), "steps": measured, "peak_gib": round(peak, 2)}
+
+
+def emit(record: dict) -> dict:
+    print(json.dumps(record), flush=True)
+    return record
+
+
+def fresh(config: str, device: str, impl: str, checkpoint_layers, packing: bool):
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    model = build(config, device)
+    if impl == "selftune":
+        base = model.get_base_model()
+        enabled = enable_fast_path(base, device, packing, liger=USE_LIGER)
+        set_checkpointing(base, checkpoint_layers)
+        return model, enabled
+    if checkpoint_layers != 0:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model, []
+
+
+def case_seq(config, device, vocab, seq, steps, results, name, stock_ckpt, ours_ckpt, ours_rows):
+    examples = rows(steps * ours_rows + 2 * ours_rows, seq, 0, seq, seq, vocab, 1)
+    for ex in examples:
+        ex.labels = list(ex.input_ids)
+    model, _ = fresh(config, device, "stock", stock_ckpt, False)
+    stock_batches = [[padded_one(e, device)] for e in examples[: steps + 2]]
+    results[name + "/stock"] = emit({"case": name, "impl": "stock", "checkpointing": stock_ckpt,
+                                     **timed(stock_step, model, stock_batches, 2)})
+    del model
+    model, enabled = fresh(config, device, "selftune", ours_ckpt, True)
+    packs = [to_device(b, device) for b in packed(examples[: (steps + 2) * ours_rows], seq * ours_rows)]
+    ours_batches = [[p] for p in packs]
+    results[name + "/selftune"] = emit({"case": name, "impl": "selftune", "fast_path": enabled,
+                                        "checkpoint_layers": ours_ckpt, "rows_per_pack": ours_rows,
+                                        **timed(selftune_step, model, ours_batches, 2)})
+    del model
+
+
+def case_recipe(config, device, vocab, results, name, examples, epochs, rows_per_step, stock_steps):
+    steps_per_epoch = math.ceil(len(examples) / rows_per_step)
+    total_steps = steps_per_epoch * epochs
+    model, _ = fresh(config, device, "stock", None, False)
+    stock = [[padded_one(e, device) for e in examples[i : i + rows_per_step]]
+             for i in range(0, len(examples), rows_per_step)]
+    plan = (stock * epochs)[: stock_steps + 1]
+    record = timed(stock_step, model, plan, 1)
+    record["estimated_total_s"] = round(record["step_s"] * total_steps, 2)
+    results[name + "/stock"] = emit({"case": name, "impl": "stock", "total_steps": total_steps,
+                                     **record})
+    del model
+    model, enabled = fresh(config, device, "selftune", 0, True)
+    ours = []
+    for i in range(0, len(examples), rows_per_step):
+        group = packed(examples[i : i + rows_per_step], 1 << 20)
+        ours.append([to_device(b, device) for b in group])
+    plan = [ours[0]] + ours * epochs  # one warm-up step, then the whole run
+    record = timed(selftune_step, model, plan, 1)
+    record["total_s"] = record["seconds"]
+    results[name + "/selftune"] = emit({"case": name, "impl": "selftune", "fast_path": enabled,
+                                        "total_steps": total_steps, **record})
+    del model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(Path(__file__).parent / "configs" /
+                                                "qwen2.5-7b-instruct.config.json"))
+    parser.add_argument("--case", action="append", choices=["seq2048", "best", "tutorial", "mixed"])
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--ours_checkpoint_layers", type=int, default=None)
+    parser.add_argument("--best_rows", type=int, default=1, help="2048-token rows per pack (best)")
+    parser.add_argument("--no_liger", action="store_true")
+    args = parser.parse_args()
+    global USE_LIGER
+    USE_LIGER = not args.no_liger
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    vocab = json.loads(Path(args.config).read_text())["vocab_size"]
+    cases = args.case or ["seq2048", "best", "tutorial", "mixed"]
+    results: dict[str, dict] = {}
+    if "seq2048" in cases:
+        case_seq(args.config, device, vocab, args.seq, args.steps, results, "seq2048",
+                 None, args.ours_checkpoint_layers, 1)
+    if "best" in cases:
+        case_seq(args.config, device, vocab, args.seq, args.steps, results, "best", 0, 0,
+                 args.best_rows)
+    if "tutorial" in cases:
+        identity = rows(8, 40, 8, 24, 60, vocab, 2)
+        case_recipe(args.config, device, vocab, results, "tutorial", identity, 10, 16, 10)
+    if "mixed" in cases:
+        mixed = rows(1008, 170, 54, 63, 280, vocab, 3)
+        case_recipe(args.config, device, vocab, results, "mixed", mixed, 3, 16, 3)
+    summary = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+               "torch": torch.__version__}
+    for case in ("seq2048", "best"):
+        if f"{case}/stock" in results:
+            summary[f"{case}_ratio"] = round(results[f"{case}/selftune"]["tokens_per_s"]
+                                             / results[f"{case}/stock"]["tokens_per_s"], 2)
+    for case in ("tutorial", "mixed"):
+        if f"{case}/stock" in results:
+            summary[f"{case}_stock_total_s"] = results[f"{case}/stock"]["estimated_total_s"]
+            summary[f"{case}_selftune_total_s"] = results[f"{case}/selftune"]["total_s"]
+    print(json.dumps({"summary": summary, "results": results}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

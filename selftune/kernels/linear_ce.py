@@ -1,0 +1,57 @@
+"""Cross-entropy through the output layer, chunk by chunk, never holding the full logits.
+
+For a 152k vocabulary the logits of 2048 label positions take 1.2 GB in float32, and autograd
+would keep them for backward. Here the forward pass computes, per chunk of positions, the loss
+and the gradient with respect to the hidden states (softmax minus one-hot, through the frozen
+head), keeps only that gradient (positions x hidden), and backward scales it. Liger's fused
+linear cross-entropy does the same in Triton; this is the plain-PyTorch version that runs
+everywhere, and the one used when Liger is not installed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+CHUNK = 2048
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """sum over positions of CE(hidden @ weight.T, target); the head weight gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # bf16 logits are upcast
+        loss = torch.zeros((), dtype=acc, device=hidden.device)
+        correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
+        for start in range(0, hidden.shape[0], chunk):
+            part = hidden[start : start + chunk]
+            target = targets[start : start + chunk]
+            logits = (part @ weight.t()).to(acc)
+            lse = torch.logsumexp(logits, dim=-1)
+            loss += (lse - logits.gather(1, target[:, None]).squeeze(1)).sum()
+            correct += (logits.argmax(-1) == target).sum()
+            if grad_hidden is not None:
+                probs = (logits - lse[:, None]).exp_()
+                probs[torch.arange(len(target), device=probs.device), target] -= 1.0
+                grad_hidden[start : start + chunk] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
+        ctx.save_for_backward(grad_hidden if grad_hidden is not None else torch.empty(0))
+        ctx.mark_non_differentiable(correct)
+        return loss, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor, _grad_correct: torch.Tensor):
+        (grad_hidden,) = ctx.saved_tensors
+        if grad_hidden.numel() == 0:
+            return None, None, None, None
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), None, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = CHUNK
+) -> tuple[torch.Tensor, int]:
+    """(summed loss, correct argmax count) over label positions, through a frozen head."""
+    if weight.requires_grad:
+        raise ValueError("the chunked cross-entropy gives the output layer no gradient")
+    loss, correct = ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk)
+    return loss, int(correct)
