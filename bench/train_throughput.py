@@ -30,7 +30,6 @@ from selftune.batches import packed  # noqa: E402
 from selftune.fast_path import enable_fast_path, set_checkpointing  # noqa: E402
 from selftune.train import to_device  # noqa: E402
 
-
 USE_LIGER = True
 
 

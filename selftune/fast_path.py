@@ -57,7 +57,11 @@ def set_checkpointing(model: Any, layers: int | None) -> None:
 
 
 def enable_fast_path(
-    model: Any, device: str, packing: bool, liger: bool = True, varlen: bool = True
+    model: Any,
+    device: str,
+    packing: bool,
+    liger: bool = True,
+    varlen: bool = True,
 ) -> list[str]:
     """Turn on what runs here; return the names of what was enabled (for the log)."""
     enabled: list[str] = []

@@ -66,7 +66,10 @@ def varlen_attention(
     elif groups > 1:  # older kernels: repeat key/value heads for grouped-query attention
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
-    out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, scale=scaling, **extra)
+    # window (-1, 0): every token sees all earlier tokens of its sequence and none after it
+    # (the kernel's default, (-1, -1), is bidirectional).
+    out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, scale=scaling,
+                      window_size=(-1, 0), **extra)
     return out.unsqueeze(0), None
 
 
