@@ -4,7 +4,7 @@ import types
 import pytest
 import torch
 
-from selftune.batches import padded
+from selftune.data.pack import pad_batch as padded
 from selftune.data.encode import Example
 from selftune.train import (
     Plan,

@@ -87,12 +87,15 @@ def train_run(args: SftArgs) -> Path:
 
     from selftune.data.encode import encode_all
     from selftune.data.identity import model_default_system, parse_identity_values
-    from selftune.data.mix import load_mixture, split, uses_identity
+    from selftune.data.mix import check_datasets, load_mixture, split, uses_identity
     from selftune.models import load_tokenizer, resolve_model
 
     identity = None
-    if uses_identity(args.dataset):
+    if uses_identity(args.dataset + args.val_dataset):
         identity = parse_identity_values(args.model_name, args.model_author)
+    # every row is read and checked before anything of the model is touched
+    loaded = check_datasets(args.dataset, identity)
+    val_loaded = check_datasets(args.val_dataset, identity) if args.val_dataset else {}
     folder = resolve_model(args.model)
     tokenizer = load_tokenizer(folder)
     default_system = model_default_system(tokenizer)
@@ -103,10 +106,17 @@ def train_run(args: SftArgs) -> Path:
         args.system,
         default_system,
         args.identity_system_variants,
+        loaded=loaded,
     )
     if args.val_dataset:
         val = load_mixture(
-            args.val_dataset, args.seed, identity, args.system, default_system, False
+            args.val_dataset,
+            args.seed,
+            identity,
+            args.system,
+            default_system,
+            False,
+            loaded=val_loaded,
         )
         train_rows = conversations
     else:

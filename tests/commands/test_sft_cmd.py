@@ -79,7 +79,7 @@ def test_identity_needs_name_and_author(tmp_path):
 
 
 RESUME_FLAGS = (
-    "--gradient_accumulation_steps 1 --max_steps 300 --save_steps 40 --logging_steps 1 "
+    "--gradient_accumulation_steps 1 --max_steps 120 --save_steps 20 --logging_steps 1 "
     "--lora_dropout 0.1 --learning_rate 1e-3 --seed 7"
 ).split()
 
@@ -100,7 +100,7 @@ def test_killed_run_resumes_to_the_same_weights(tiny_model_dir, tmp_path):
     whole = subprocess.run(train_cmd(tiny_model_dir, tmp_path / "whole"), capture_output=True,
                            text=True, timeout=900)
     assert whole.returncode == 0, whole.stderr
-    expected = load_file(only_run_dir(tmp_path / "whole") / "checkpoint-300" / "adapter_model.safetensors")
+    expected = load_file(only_run_dir(tmp_path / "whole") / "checkpoint-120" / "adapter_model.safetensors")
 
     output = tmp_path / "killed"
     process = subprocess.Popen(train_cmd(tiny_model_dir, output), stdout=subprocess.DEVNULL,
@@ -108,7 +108,7 @@ def test_killed_run_resumes_to_the_same_weights(tiny_model_dir, tmp_path):
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and process.poll() is None:
         runs = [p for p in output.iterdir()] if output.exists() else []
-        if runs and (runs[0] / "checkpoint-40").exists() and last_logged_step(runs[0]) >= 45:
+        if runs and (runs[0] / "checkpoint-20").exists() and last_logged_step(runs[0]) >= 25:
             break
         time.sleep(0.005)  # polling interval, not a wait for an event
     process.send_signal(signal.SIGKILL)
@@ -116,16 +116,16 @@ def test_killed_run_resumes_to_the_same_weights(tiny_model_dir, tmp_path):
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     run_dir = only_run_dir(output)
     saved = sorted(p.name for p in run_dir.iterdir() if p.name.startswith("checkpoint"))
-    assert "checkpoint-300" not in saved
+    assert "checkpoint-120" not in saved
     latest = max(saved, key=lambda name: int(name.split("-")[1]))
     resumed = subprocess.run(
         train_cmd(tiny_model_dir, output, "--resume_from_checkpoint", run_dir / latest),
         capture_output=True, text=True, timeout=900,
     )
     assert resumed.returncode == 0, resumed.stderr
-    got = load_file(run_dir / "checkpoint-300" / "adapter_model.safetensors")
+    got = load_file(run_dir / "checkpoint-120" / "adapter_model.safetensors")
     assert got.keys() == expected.keys()
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
     steps = [json.loads(line)["step"] for line in (run_dir / "logging.jsonl").read_text().splitlines()]
-    assert steps == sorted(set(steps)) and steps[-1] == 300
+    assert steps == sorted(set(steps)) and steps[-1] == 120
