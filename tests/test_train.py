@@ -4,8 +4,8 @@ import types
 import pytest
 import torch
 
-from selftune.data.pack import pad_batch as padded
 from selftune.data.encode import Example
+from selftune.data.pack import pad_batch as padded
 from selftune.train import (
     Plan,
     accumulate_gradients,
