@@ -208,21 +208,58 @@ def load_tokenizer(folder: Path) -> Any:
     return tokenizer
 
 
+def check_quant_bits(quant_bits: int | None) -> None:
+    """4-bit loading needs CUDA and bitsandbytes: say so before anything loads."""
+    if not quant_bits:
+        return
+    import torch
+
+    if quant_bits != 4:
+        raise SelftuneError(f"--quant_bits {quant_bits}: only 4 (NF4) is supported")
+    if not torch.cuda.is_available():
+        raise SelftuneError(
+            "4-bit QLoRA (--train_type qlora / --quant_bits 4) needs a CUDA GPU; "
+            "use --train_type lora on this machine"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise SelftuneError("4-bit QLoRA needs bitsandbytes: pip install bitsandbytes")
+
+
+def nf4_config(compute_dtype: Any) -> Any:
+    """Frozen base weights in NF4 with double quantisation; compute in bf16 (QLoRA's recipe)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
 def load_model(
-    spec: str, torch_dtype: str | None = None, device: str | None = None
+    spec: str,
+    torch_dtype: str | None = None,
+    device: str | None = None,
+    quant_bits: int | None = None,
 ) -> tuple[Any, Any, Path]:
     """Load (model, tokenizer, folder) for a --model spec, in eval mode on the chosen device."""
     from transformers import AutoModelForCausalLM
 
+    check_quant_bits(quant_bits)
     folder = resolve_model(spec)
     device = pick_device(device)
     dtype = pick_dtype(torch_dtype, device)
     tokenizer = load_tokenizer(folder)
+    extra: dict[str, Any] = {}
+    if quant_bits:
+        extra = {"quantization_config": nf4_config(dtype), "device_map": {"": device}}
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **extra)
     except Exception as exc:
         raise SelftuneError(f"cannot load model from {folder}: {exc}") from exc
-    model.to(device)
+    if not quant_bits:
+        model.to(device)
     model.eval()
     return model, tokenizer, folder
 
@@ -269,7 +306,10 @@ def load_for_inference(args: Any) -> Loaded:
         )
     full_checkpoint = adapters and (adapters[0] / "config.json").is_file()
     model, tokenizer, folder = load_model(
-        str(adapters[0]) if full_checkpoint else spec, args.torch_dtype, args.device
+        str(adapters[0]) if full_checkpoint else spec,
+        args.torch_dtype,
+        args.device,
+        getattr(args, "quant_bits", None),
     )
     names: list[str] = []
     if adapters and not full_checkpoint:

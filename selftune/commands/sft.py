@@ -10,6 +10,7 @@ from typing import Any
 
 from selftune.args import SftArgs
 from selftune.errors import SelftuneError, UsageError
+from selftune.models import check_quant_bits
 
 ARGS = SftArgs
 log = logging.getLogger(__name__)
@@ -23,14 +24,9 @@ def check_args(args: SftArgs) -> None:
     args.train_type = args.train_type.lower()
     if args.train_type not in TRAIN_TYPES:
         raise UsageError(f"--train_type {args.train_type}: use one of {', '.join(TRAIN_TYPES)}")
-    if args.train_type == "qlora":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise SelftuneError(
-                "--train_type qlora needs a CUDA GPU (4-bit kernels); "
-                "use --train_type lora on this machine"
-            )
+    if args.train_type == "qlora" or args.quant_bits:
+        args.train_type, args.quant_bits = "qlora", args.quant_bits or 4
+        check_quant_bits(args.quant_bits)
     if not args.dataset:
         raise UsageError("no training data: pass --dataset (for example --dataset identity)")
     if not args.model and not args.resume_from_checkpoint:
@@ -137,7 +133,9 @@ def train_run(args: SftArgs) -> Path:
     from selftune.train import seed_everything, train
 
     seed_everything(args.seed)
-    model, tokenizer, folder = load_model(str(folder), args.torch_dtype, args.device)
+    model, tokenizer, folder = load_model(
+        str(folder), args.torch_dtype, args.device, args.quant_bits
+    )
     device = str(next(model.parameters()).device)
     if args.replay > 0:
         from selftune.replay import replay_conversations

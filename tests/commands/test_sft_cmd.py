@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -129,3 +130,14 @@ def test_killed_run_resumes_to_the_same_weights(tiny_model_dir, tmp_path):
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
     steps = [json.loads(line)["step"] for line in (run_dir / "logging.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 120
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only message")
+@pytest.mark.parametrize("flags", [["--train_type", "qlora"], ["--quant_bits", "4"]])
+def test_qlora_on_cpu_says_it_needs_a_gpu(tmp_path, flags):
+    done = selftune("sft", "--model", "/no/such/model", "--dataset", "identity", *flags,
+                    "--output_dir", tmp_path / "out")
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "CUDA GPU" in lines[0]  # before the model is looked for
+    assert not (tmp_path / "out").exists()
