@@ -39,8 +39,12 @@ def build(config_path: str, layers: int, device: str, seed: int):
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     torch.manual_seed(seed + 1)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0,
-                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=8, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+        ),
+    )
     for name, param in model.named_parameters():  # make the adapters matter
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.02)
@@ -48,14 +52,21 @@ def build(config_path: str, layers: int, device: str, seed: int):
 
 
 def lora_grads(model) -> torch.Tensor:
-    return torch.cat([p.grad.float().flatten() for n, p in model.named_parameters()
-                      if p.requires_grad and p.grad is not None])
+    return torch.cat(
+        [
+            p.grad.float().flatten()
+            for n, p in model.named_parameters()
+            if p.requires_grad and p.grad is not None
+        ]
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--config", default=str(Path(__file__).parent / "configs" /
-                                                "qwen2.5-7b-instruct.config.json"))
+    parser.add_argument(
+        "--config",
+        default=str(Path(__file__).parent / "configs" / "qwen2.5-7b-instruct.config.json"),
+    )
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--no_liger", action="store_true")
     parser.add_argument("--no_varlen", action="store_true")
@@ -69,8 +80,10 @@ def main() -> None:
     n_tokens = sum(sum(1 for t in e.labels[1:] if t != -100) for e in examples)
     stock_loss = 0.0
     for e in examples:  # one row at a time, loss weighted by its label tokens
-        batch = {"input_ids": torch.tensor([e.input_ids], device=device),
-                 "labels": torch.tensor([e.labels], device=device)}
+        batch = {
+            "input_ids": torch.tensor([e.input_ids], device=device),
+            "labels": torch.tensor([e.labels], device=device),
+        }
         count = sum(1 for t in e.labels[1:] if t != -100)
         loss = stock(**batch).loss * count / n_tokens
         loss.backward()
@@ -79,8 +92,13 @@ def main() -> None:
     del stock
 
     fast = build(args.config, args.layers, device, 0)
-    enabled = enable_fast_path(fast.get_base_model(), device, packing=True,
-                               liger=not args.no_liger, varlen=not args.no_varlen)
+    enabled = enable_fast_path(
+        fast.get_base_model(),
+        device,
+        packing=True,
+        liger=not args.no_liger,
+        varlen=not args.no_varlen,
+    )
     if args.gqa_repeat:
         import selftune.kernels.attention as attention
 
@@ -92,9 +110,17 @@ def main() -> None:
     loss_diff = abs(fast_sum / tokens - stock_loss) / abs(stock_loss)
     grad_diff = float((fast_grads - stock_grads).norm() / stock_grads.norm())
     tolerance = 2e-2 if device == "cuda" else 1e-4
-    report = {"device": device, "fast_path": enabled, "packs": len(group), "tokens": tokens,
-              "stock_loss": stock_loss, "fast_loss": fast_sum / tokens,
-              "loss_rel_diff": loss_diff, "grad_rel_diff": grad_diff, "tolerance": tolerance}
+    report = {
+        "device": device,
+        "fast_path": enabled,
+        "packs": len(group),
+        "tokens": tokens,
+        "stock_loss": stock_loss,
+        "fast_loss": fast_sum / tokens,
+        "loss_rel_diff": loss_diff,
+        "grad_rel_diff": grad_diff,
+        "tolerance": tolerance,
+    }
     print(json.dumps(report))
     sys.exit(0 if loss_diff < tolerance and grad_diff < 5 * tolerance else 1)
 

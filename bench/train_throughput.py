@@ -31,6 +31,7 @@ from selftune.fast_path import enable_fast_path, set_checkpointing  # noqa: E402
 from selftune.train import to_device  # noqa: E402
 
 USE_LIGER = True
+USE_VARLEN = True
 
 
 @dataclass
@@ -48,13 +49,94 @@ def build(config_path: str, device: str):
     config = AutoConfig.from_pretrained(config_path)
     torch.manual_seed(0)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16,
-                                                 attn_implementation="sdpa")
-    lora = LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
-                      task_type="CAUSAL_LM")
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=torch.bfloat16, attn_implementation="sdpa"
+        )
+    lora = LoraConfig(
+        r=8, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
     model = get_peft_model(model, lora)
     model.train()
     return model
+
+
+def quantize_nf4(model) -> None:
+    """Swap every decoder Linear for bitsandbytes' NF4 Linear4bit (double quantisation, bf16
+    compute), as from_pretrained(quantization_config=BitsAndBytesConfig(...)) would."""
+    import bitsandbytes as bnb
+
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear) and name != "lm_head":
+                quantized = bnb.nn.Linear4bit(
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    compute_dtype=torch.bfloat16,
+                    compress_statistics=True,
+                    quant_type="nf4",
+                    device="cpu",
+                )
+                quantized.weight = bnb.nn.Params4bit(
+                    child.weight.data,
+                    requires_grad=False,
+                    compress_statistics=True,
+                    quant_type="nf4",
+                ).to(child.weight.device)
+                if child.bias is not None:
+                    quantized.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+                setattr(module, name, quantized)
+    torch.cuda.empty_cache()
+
+
+def build_qlora(config_path: str, device: str, stock: bool):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(config_path)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=torch.bfloat16, attn_implementation="sdpa"
+        )
+    model.requires_grad_(False)
+    quantize_nf4(model)
+    if stock:  # the usual QLoRA recipe: norms/embeddings upcast, checkpointing on
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    lora = LoraConfig(
+        r=8, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
+    model = get_peft_model(model, lora)
+    model.train()
+    return model
+
+
+def case_qlora(config, device, vocab, seq, steps, results):
+    examples = rows(steps + 2, seq, 0, seq, seq, vocab, 1)
+    for ex in examples:
+        ex.labels = list(ex.input_ids)
+    torch.cuda.empty_cache()
+    model = build_qlora(config, device, stock=True)
+    batches = [[padded_one(e, device)] for e in examples]
+    results["qlora/stock"] = emit(
+        {"case": "qlora", "impl": "stock+bnb", **timed(stock_step, model, batches, 2)}
+    )
+    del model, batches
+    torch.cuda.empty_cache()
+    model = build_qlora(config, device, stock=False)
+    base = model.get_base_model()
+    enabled = enable_fast_path(base, device, True, liger=USE_LIGER, varlen=USE_VARLEN)
+    set_checkpointing(base, None)
+    packs = [[to_device(b, device)] for b in packed(examples, seq)]
+    results["qlora/selftune"] = emit(
+        {
+            "case": "qlora",
+            "impl": "selftune",
+            "fast_path": enabled,
+            **timed(selftune_step, model, packs, 2),
+        }
+    )
+    del model
 
 
 def rows(n: int, mean: float, std: float, low: int, high: int, vocab: int, seed: int):
@@ -111,8 +193,13 @@ def timed(step, model, steps_batches, warmup: int):
     seconds = time.perf_counter() - started
     measured = max(1, len(steps_batches) - warmup)
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
-    return {"tokens_per_s": round(tokens / seconds, 1), "step_s": round(seconds / measured, 4),
-            "seconds": round(seconds, 3), "steps": measured, "peak_gib": round(peak, 2)}
+    return {
+        "tokens_per_s": round(tokens / seconds, 1),
+        "step_s": round(seconds / measured, 4),
+        "seconds": round(seconds, 3),
+        "steps": measured,
+        "peak_gib": round(peak, 2),
+    }
 
 
 def emit(record: dict) -> dict:
@@ -126,7 +213,7 @@ def fresh(config: str, device: str, impl: str, checkpoint_layers, packing: bool)
     model = build(config, device)
     if impl == "selftune":
         base = model.get_base_model()
-        enabled = enable_fast_path(base, device, packing, liger=USE_LIGER)
+        enabled = enable_fast_path(base, device, packing, liger=USE_LIGER, varlen=USE_VARLEN)
         set_checkpointing(base, checkpoint_layers)
         return model, enabled
     if checkpoint_layers != 0:
@@ -141,15 +228,30 @@ def case_seq(config, device, vocab, seq, steps, results, name, stock_ckpt, ours_
         ex.labels = list(ex.input_ids)
     model, _ = fresh(config, device, "stock", stock_ckpt, False)
     stock_batches = [[padded_one(e, device)] for e in examples[: steps + 2]]
-    results[name + "/stock"] = emit({"case": name, "impl": "stock", "checkpointing": stock_ckpt,
-                                     **timed(stock_step, model, stock_batches, 2)})
+    results[name + "/stock"] = emit(
+        {
+            "case": name,
+            "impl": "stock",
+            "checkpointing": stock_ckpt,
+            **timed(stock_step, model, stock_batches, 2),
+        }
+    )
     del model
     model, enabled = fresh(config, device, "selftune", ours_ckpt, True)
-    packs = [to_device(b, device) for b in packed(examples[: (steps + 2) * ours_rows], seq * ours_rows)]
+    packs = [
+        to_device(b, device) for b in packed(examples[: (steps + 2) * ours_rows], seq * ours_rows)
+    ]
     ours_batches = [[p] for p in packs]
-    results[name + "/selftune"] = emit({"case": name, "impl": "selftune", "fast_path": enabled,
-                                        "checkpoint_layers": ours_ckpt, "rows_per_pack": ours_rows,
-                                        **timed(selftune_step, model, ours_batches, 2)})
+    results[name + "/selftune"] = emit(
+        {
+            "case": name,
+            "impl": "selftune",
+            "fast_path": enabled,
+            "checkpoint_layers": ours_ckpt,
+            "rows_per_pack": ours_rows,
+            **timed(selftune_step, model, ours_batches, 2),
+        }
+    )
     del model
 
 
@@ -157,13 +259,16 @@ def case_recipe(config, device, vocab, results, name, examples, epochs, rows_per
     steps_per_epoch = math.ceil(len(examples) / rows_per_step)
     total_steps = steps_per_epoch * epochs
     model, _ = fresh(config, device, "stock", None, False)
-    stock = [[padded_one(e, device) for e in examples[i : i + rows_per_step]]
-             for i in range(0, len(examples), rows_per_step)]
+    stock = [
+        [padded_one(e, device) for e in examples[i : i + rows_per_step]]
+        for i in range(0, len(examples), rows_per_step)
+    ]
     plan = (stock * epochs)[: stock_steps + 1]
     record = timed(stock_step, model, plan, 1)
     record["estimated_total_s"] = round(record["step_s"] * total_steps, 2)
-    results[name + "/stock"] = emit({"case": name, "impl": "stock", "total_steps": total_steps,
-                                     **record})
+    results[name + "/stock"] = emit(
+        {"case": name, "impl": "stock", "total_steps": total_steps, **record}
+    )
     del model
     model, enabled = fresh(config, device, "selftune", 0, True)
     ours = []
@@ -173,47 +278,79 @@ def case_recipe(config, device, vocab, results, name, examples, epochs, rows_per
     plan = [ours[0]] + ours * epochs  # one warm-up step, then the whole run
     record = timed(selftune_step, model, plan, 1)
     record["total_s"] = record["seconds"]
-    results[name + "/selftune"] = emit({"case": name, "impl": "selftune", "fast_path": enabled,
-                                        "total_steps": total_steps, **record})
+    results[name + "/selftune"] = emit(
+        {
+            "case": name,
+            "impl": "selftune",
+            "fast_path": enabled,
+            "total_steps": total_steps,
+            **record,
+        }
+    )
     del model
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(Path(__file__).parent / "configs" /
-                                                "qwen2.5-7b-instruct.config.json"))
-    parser.add_argument("--case", action="append", choices=["seq2048", "best", "tutorial", "mixed"])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config",
+        default=str(Path(__file__).parent / "configs" / "qwen2.5-7b-instruct.config.json"),
+    )
+    parser.add_argument(
+        "--case", action="append", choices=["seq2048", "best", "tutorial", "mixed", "qlora"]
+    )
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--ours_checkpoint_layers", type=int, default=None)
     parser.add_argument("--best_rows", type=int, default=1, help="2048-token rows per pack (best)")
     parser.add_argument("--no_liger", action="store_true")
+    parser.add_argument("--no_varlen", action="store_true")
+    parser.add_argument("--qlora", action="store_true", help="add the 4-bit QLoRA case")
     args = parser.parse_args()
-    global USE_LIGER
-    USE_LIGER = not args.no_liger
+    global USE_LIGER, USE_VARLEN
+    USE_LIGER, USE_VARLEN = not args.no_liger, not args.no_varlen
     device = "cuda" if torch.cuda.is_available() else "cpu"
     vocab = json.loads(Path(args.config).read_text())["vocab_size"]
     cases = args.case or ["seq2048", "best", "tutorial", "mixed"]
     results: dict[str, dict] = {}
     if "seq2048" in cases:
-        case_seq(args.config, device, vocab, args.seq, args.steps, results, "seq2048",
-                 None, args.ours_checkpoint_layers, 1)
+        case_seq(
+            args.config,
+            device,
+            vocab,
+            args.seq,
+            args.steps,
+            results,
+            "seq2048",
+            None,
+            args.ours_checkpoint_layers,
+            1,
+        )
     if "best" in cases:
-        case_seq(args.config, device, vocab, args.seq, args.steps, results, "best", 0, 0,
-                 args.best_rows)
+        case_seq(
+            args.config, device, vocab, args.seq, args.steps, results, "best", 0, 0, args.best_rows
+        )
     if "tutorial" in cases:
         identity = rows(8, 40, 8, 24, 60, vocab, 2)
         case_recipe(args.config, device, vocab, results, "tutorial", identity, 10, 16, 10)
     if "mixed" in cases:
         mixed = rows(1008, 170, 54, 63, 280, vocab, 3)
         case_recipe(args.config, device, vocab, results, "mixed", mixed, 3, 16, 3)
-    summary = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-               "torch": torch.__version__}
-    for case in ("seq2048", "best"):
+    if args.qlora or "qlora" in cases:
+        case_qlora(args.config, device, vocab, args.seq, args.steps, results)
+    summary = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "torch": torch.__version__,
+    }
+    for case in ("seq2048", "best", "qlora"):
         if f"{case}/stock" in results:
-            summary[f"{case}_ratio"] = round(results[f"{case}/selftune"]["tokens_per_s"]
-                                             / results[f"{case}/stock"]["tokens_per_s"], 2)
+            summary[f"{case}_ratio"] = round(
+                results[f"{case}/selftune"]["tokens_per_s"]
+                / results[f"{case}/stock"]["tokens_per_s"],
+                2,
+            )
     for case in ("tutorial", "mixed"):
         if f"{case}/stock" in results:
             summary[f"{case}_stock_total_s"] = results[f"{case}/stock"]["estimated_total_s"]

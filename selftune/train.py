@@ -162,6 +162,24 @@ def batch_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     return loss, len(flat_targets), correct
 
 
+def autocast_context(device: str, dtype: torch.dtype):
+    """bf16 autocast where float32 weights meet a unit that does bf16 fast: CUDA, or a CPU with
+    AMX / AVX512-BF16 (about twice the float32 training speed of a 135M model on 2 cores).
+    Trainable LoRA weights and the optimizer stay in float32."""
+    import contextlib
+
+    if dtype != torch.float32:
+        return contextlib.nullcontext()
+    if device.startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    fast_bf16 = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)() or getattr(
+        torch.cpu, "_is_avx512_bf16_supported", lambda: False
+    )()
+    if fast_bf16:
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def memory_gib(device: str) -> float:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**30
@@ -282,6 +300,7 @@ def train(
             gradient_checkpointing_kwargs={"use_reentrant": False}
         )
     model.train()
+    weight_dtype = next(model.parameters()).dtype
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=plan.learning_rate, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -329,7 +348,8 @@ def train(
     )
     for step, epoch, group in step_groups(train_batches, plan, args.seed, state.step):
         group = [to_device(b, device) for b in group]
-        step_loss, n_tokens, correct = accumulate_gradients(model, group)
+        with autocast_context(device, weight_dtype):
+            step_loss, n_tokens, correct = accumulate_gradients(model, group)
         window["correct"] += correct
         if not math.isfinite(step_loss):
             good = list_checkpoints(run_dir)
@@ -368,7 +388,8 @@ def train(
             window = {"loss": 0.0, "tokens": 0, "correct": 0}
         at_save = done % plan.save_steps == 0 or done == plan.total_steps
         if eval_batches and (done % plan.eval_steps == 0 or done == plan.total_steps):
-            eval_loss, eval_acc = evaluate(model, [to_device(b, device) for b in eval_batches])
+            with autocast_context(device, weight_dtype):
+                eval_loss, eval_acc = evaluate(model, [to_device(b, device) for b in eval_batches])
             record.update(
                 step=done, eval_loss=round(eval_loss, 6), eval_token_acc=round(eval_acc, 6)
             )

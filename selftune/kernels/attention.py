@@ -50,7 +50,9 @@ def varlen_attention(
     from torch.nn.attention.varlen import varlen_attn
 
     cu_seqlens = kwargs.get("cu_seq_lens_q")
-    if cu_seqlens is None:  # an unpacked batch (e.g. eval): plain causal SDPA
+    if cu_seqlens is None or len(cu_seqlens) == 2:
+        # an unpacked batch, or a pack of one sequence: plain causal SDPA, which measured
+        # faster than the varlen kernel on an H100 (bench/README.md)
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
