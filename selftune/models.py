@@ -85,6 +85,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     # A GGUF-loaded model refuses save_pretrained; a fresh model with its weights saves fine.
     model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
+    if hasattr(model.config, "quantization_config"):  # the weights are dequantised now
+        del model.config.quantization_config
     model.generation_config = loaded.generation_config
     if tokenizer.eos_token_id is not None:
         model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -100,6 +102,18 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+def drop_stale_quantization(folder: Path) -> None:
+    """Folders converted by earlier versions kept `quantization_config: gguf`, which makes
+    transformers refuse to save a model loaded from them; the weights there are plain floats."""
+    import json
+
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if config.get("quantization_config", {}).get("quant_method") == "gguf":
+        del config["quantization_config"]
+        config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+
 def cached_gguf_folder(gguf_path: Path) -> Path:
     """Convert a GGUF once; the cache key changes when the file does."""
     stat = gguf_path.stat()
@@ -108,6 +122,7 @@ def cached_gguf_folder(gguf_path: Path) -> Path:
     out_dir = selftune_home() / "models" / f"{gguf_path.stem}-{digest}"
     if not is_model_folder(out_dir):
         convert_gguf(gguf_path, out_dir)
+    drop_stale_quantization(out_dir)
     return out_dir
 
 
@@ -115,6 +130,7 @@ def embedded_folder() -> Path:
     out_dir = selftune_home() / "models" / "smollm2-135m-instruct"
     if not is_model_folder(out_dir):
         convert_gguf(embedded_gguf_path(), out_dir)
+    drop_stale_quantization(out_dir)
     return out_dir
 
 

@@ -32,7 +32,6 @@ def check_args(args: SftArgs) -> None:
     if not args.model and not args.resume_from_checkpoint:
         raise UsageError("no model given: pass --model (for example --model smollm2-135m)")
     for name in (
-        "per_device_train_batch_size",
         "per_device_eval_batch_size",
         "save_steps",
         "logging_steps",
@@ -43,8 +42,6 @@ def check_args(args: SftArgs) -> None:
             raise UsageError(f"--{name} must be at least 1")
     if not 0 <= args.split_dataset_ratio < 1:
         raise UsageError("--split_dataset_ratio must be in [0, 1)")
-    if args.num_train_epochs is None:
-        args.num_train_epochs = 3.0
     if args.resume_from_checkpoint and not Path(args.resume_from_checkpoint).is_dir():
         raise SelftuneError(
             f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such folder"
@@ -130,7 +127,7 @@ def train_run(args: SftArgs) -> Path:
     from selftune.batches import make_batches
     from selftune.checkpoint import new_run_dir, write_json_atomic
     from selftune.models import load_model
-    from selftune.train import seed_everything, train
+    from selftune.train import count_parameters, resolve_defaults, seed_everything, train
 
     seed_everything(args.seed)
     model, tokenizer, folder = load_model(
@@ -144,6 +141,7 @@ def train_run(args: SftArgs) -> Path:
         replay_examples, _ = encode_all(tokenizer, replayed, args.max_length, args.system)
         train_examples = train_examples + replay_examples
         log.info("replay: %d general conversations answered by the base model", len(replayed))
+    resolve_defaults(args, count_parameters(model), len(train_examples))
     if args.gradient_checkpointing is None:
         args.gradient_checkpointing = device.startswith("cuda")
     micro_batches, per_epoch = make_batches(
