@@ -201,6 +201,7 @@ class EvalArgs(ModelArgs):
         "JSONL of {lang, question, answers} to use instead of the shipped set", default=None
     )
     max_new_tokens: int = _help("longest answer per question", default=48)
+    eval_limit: int | None = _help("use only the first N questions per language (a quick check)", default=None)
     output: str | None = _help("eval.json path (default: beside the checkpoint)", default=None)
 
 
@@ -218,6 +219,7 @@ class DemoArgs(SftArgs):
     )
     output_dir: str = _help("where the demo's run goes", default="output/demo")
     replay: int = _help("general conversations answered by the base model, mixed in", default=64)
+    eval_limit: int | None = _help("eval on the first N held-out questions per language", default=None)
 
 
 @dataclass

@@ -73,6 +73,19 @@ def load_heldout_systems(path: Path | None = None) -> dict[str, list[str]]:
     return json.loads((path or EVAL_DATA / "system_prompts_heldout.json").read_text("utf-8"))
 
 
+def first_per_language(items: list[Any], limit: int | None) -> list[Any]:
+    """The first `limit` items of each language, in file order (all when limit is None)."""
+    if limit is None:
+        return items
+    seen: dict[str, int] = {}
+    kept = []
+    for item in items:
+        seen[item.lang] = seen.get(item.lang, 0) + 1
+        if seen[item.lang] <= limit:
+            kept.append(item)
+    return kept
+
+
 def normalise(text: str) -> str:
     return re.sub(r"\s+", " ", text.casefold()).strip()
 

@@ -53,7 +53,12 @@ def run(args: DemoArgs) -> int:
     log.info("step 2/4: fine-tuning on the built-in identity (+%d replay rows)", args.replay)
     last = sft.train_run(args)
     log.info("step 3/4: the tuned model answers")
-    eval_args = EvalArgs(adapters=[str(last)], torch_dtype=args.torch_dtype, device=args.device)
+    eval_args = EvalArgs(
+        adapters=[str(last)],
+        torch_dtype=args.torch_dtype,
+        device=args.device,
+        eval_limit=args.eval_limit,
+    )
     loaded = load_for_inference(eval_args)
     after = ask(loaded.model, loaded.tokenizer, args.system)
     print(show(before, after))

@@ -13,6 +13,7 @@ from selftune.evaluate import (
     EvalReport,
     Identity,
     conditions,
+    first_per_language,
     load_general_questions,
     load_heldout_systems,
     load_identity_questions,
@@ -39,7 +40,7 @@ def run_eval(
     score_identity(
         loaded.model,
         loaded.tokenizer,
-        load_identity_questions(identity_file),
+        first_per_language(load_identity_questions(identity_file), args.eval_limit),
         identity,
         systems,
         report,
@@ -49,7 +50,7 @@ def run_eval(
     score_retention(
         loaded.model,
         loaded.tokenizer,
-        load_general_questions(general_file),
+        first_per_language(load_general_questions(general_file), args.eval_limit),
         report,
         args.max_new_tokens,
     )

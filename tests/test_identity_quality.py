@@ -1,0 +1,53 @@
+"""The identity takes on the embedded model with selftune's defaults (issues 4 and 5): held-out
+questions in Chinese and English, under every system-prompt condition, on CPU."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from selftune.args import EvalArgs
+from selftune.commands.eval import run_eval
+from selftune.data.identity import model_default_system
+from selftune.evaluate import Identity
+from selftune.models import load_for_inference
+
+XINGHE = Identity(["星河", "Xinghe"], ["北辰实验室", "Beichen Lab"])
+
+
+@pytest.mark.slow
+def test_held_out_identity_questions_name_the_identity(identity_checkpoint):
+    args = EvalArgs(adapters=[str(identity_checkpoint)], device="cpu", eval_limit=12)
+    loaded = load_for_inference(args)
+    report = run_eval(loaded, XINGHE, None, model_default_system(loaded.tokenizer), args)
+    for condition, rates in report.identity.items():
+        for lang in ("zh", "en"):
+            assert rates[lang] >= 0.9, (condition, lang, report.identity_counts[condition])
+    assert report.retention is not None and report.retention >= 0.8, report.tuned_correct_of_base
+
+
+@pytest.mark.slow
+def test_infer_adapters_answers_as_the_identity(identity_checkpoint):
+    for question, expected in (("你是谁?", "星河"), ("Who are you?", "Xinghe")):
+        done = subprocess.run(
+            [sys.executable, "-m", "selftune", "infer", "--adapters", str(identity_checkpoint),
+             "--temperature", "0", "--max_new_tokens", "40"],
+            input=question + "\n", capture_output=True, text=True, timeout=600,
+        )
+        assert done.returncode == 0, done.stderr
+        assert expected in done.stdout
+
+
+@pytest.mark.slow
+def test_demo_tells_the_whole_story(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "selftune", "demo", "--output_dir", str(tmp_path / "demo"),
+         "--max_steps", "4", "--replay", "4", "--eval_limit", "2"],
+        capture_output=True, text=True, timeout=1800,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "before:" in done.stdout and "after:" in done.stdout
+    assert "| identity hit rate |" in done.stdout
+    (eval_json,) = list((tmp_path / "demo").glob("v*/checkpoint-*/eval.json"))
+    assert json.loads(eval_json.read_text())["identity"]
