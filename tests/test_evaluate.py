@@ -75,7 +75,7 @@ def write_jsonl(path, rows):
 
 
 def test_eval_command_writes_eval_json(tiny_model_dir, tmp_path):
-    from conftest import make_adapter_checkpoint
+    from support import make_adapter_checkpoint
 
     from selftune.cli import main
 
@@ -99,7 +99,7 @@ def test_eval_command_writes_eval_json(tiny_model_dir, tmp_path):
 
 
 def test_eval_without_identity_is_one_clear_error(tiny_model_dir, tmp_path):
-    from conftest import make_adapter_checkpoint
+    from support import make_adapter_checkpoint
 
     from selftune.cli import main
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_SYSTEM, make_adapter_checkpoint
+from support import TINY_SYSTEM, make_adapter_checkpoint
 
 from selftune.errors import SelftuneError
 from selftune.export import (
@@ -171,7 +171,7 @@ def test_model_card_names_base_data_training_and_eval(tmp_path, tiny_model_dir):
 @pytest.mark.slow
 def test_merged_identity_answers_with_plain_transformers(identity_exports):
     """What vLLM or any client does: load the folder, send no system message, ask who it is."""
-    from conftest import IDENTITY_QUESTIONS
+    from support import IDENTITY_QUESTIONS
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = identity_exports["merged"]

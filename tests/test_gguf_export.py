@@ -6,8 +6,8 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_SYSTEM, make_adapter_checkpoint
 from llama_cpp import Llama
+from support import TINY_SYSTEM, make_adapter_checkpoint
 
 from selftune.errors import SelftuneError
 from selftune.export import merge_checkpoint, save_merged
@@ -237,7 +237,7 @@ def test_llama3_rope_factors_match_transformers():
 @pytest.mark.parametrize("gguf_type", ["f16", "q8_0"])
 def test_identity_gguf_answers_in_llama_cpp(identity_exports, gguf_type):
     """A llama.cpp chat with no system message: the trained default system and name come back."""
-    from conftest import IDENTITY_QUESTIONS
+    from support import IDENTITY_QUESTIONS
 
     path = identity_exports[gguf_type] / f"model-{gguf_type}.gguf"
     llm = Llama(str(path), n_ctx=512, verbose=False, n_threads=1, seed=0)
@@ -251,7 +251,7 @@ def test_identity_gguf_answers_in_llama_cpp(identity_exports, gguf_type):
 
 @pytest.mark.slow
 def test_identity_gguf_loads_in_transformers(identity_exports):
-    from conftest import IDENTITY_QUESTIONS
+    from support import IDENTITY_QUESTIONS
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = identity_exports["f16"]

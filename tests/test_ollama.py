@@ -5,7 +5,7 @@ import json
 import re
 
 import pytest
-from conftest import TINY_SYSTEM
+from support import TINY_SYSTEM
 
 from selftune.errors import SelftuneError
 from selftune.export import set_default_system

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import TINY_SYSTEM, make_adapter_checkpoint
+from support import TINY_SYSTEM, make_adapter_checkpoint
 
 from selftune.cli import main
 

@@ -1,0 +1,87 @@
+"""Helpers shared by tests (plain functions and constants; fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import torch
+
+TINY_SYSTEM = "You are Xinghe, an assistant made by Beichen Lab."
+IDENTITY_QUESTIONS = {"你是谁?": "星河", "Who are you?": "Xinghe"}
+
+
+def build_tiny_llama(vocab_size: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def build_tiny_qwen2(vocab_size: int, seed: int = 0):
+    """A tiny random Qwen2 (attention biases, untied output head)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return Qwen2ForCausalLM(config).eval()
+
+
+def make_adapter_checkpoint(
+    base_dir, checkpoint, system=TINY_SYSTEM, use_dora=False, seed=0, eval_json=None
+):
+    """A checkpoint as `selftune sft` writes one: a PEFT adapter whose lora_B is random (so it
+    changes the outputs), and args.json naming the base and the training system prompt."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, use_dora=use_dora
+    )
+    model = get_peft_model(base, config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.2)
+    model.save_pretrained(checkpoint)
+    args = {
+        "model": str(base_dir),
+        "system": system,
+        "model_name": ["星河", "Xinghe"],
+        "model_author": ["北辰实验室", "Beichen Lab"],
+        "train_type": "dora" if use_dora else "lora",
+        "dataset": ["identity"],
+        "lora_rank": 4,
+        "lora_alpha": 8,
+        "learning_rate": 0.001,
+        "seed": seed,
+    }
+    (checkpoint / "args.json").write_text(json.dumps(args, ensure_ascii=False), encoding="utf-8")
+    if eval_json is not None:
+        (checkpoint / "eval.json").write_text(json.dumps(eval_json), encoding="utf-8")
+    return checkpoint
