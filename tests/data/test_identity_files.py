@@ -185,6 +185,14 @@ def test_general_questions(general):
         assert len([r for r in general if r["lang"] == lang]) >= 30, lang
 
 
+def test_general_answers_do_not_occur_in_their_question(general):
+    """An answer that the question itself contains would count an echo of the question as right."""
+    for row in general:
+        question = " ".join(row["question"].casefold().split())
+        for answer in row["answers"]:
+            assert " ".join(answer.casefold().split()) not in question, (row["question"], answer)
+
+
 def test_replay_prompts(replay, identity_rows, heldout_identity):
     for row in replay:
         assert set(row) == {"lang", "prompt"}, row
