@@ -175,7 +175,11 @@ class TrainArgs:
     dataloader_num_workers: int = _help(
         "accepted for ms-swift compatibility (data is pre-tokenised)", default=0
     )
-    replay: int = _help("add N general conversations answered by the base model itself", default=0)
+    replay: int | None = _help(
+        "add N general conversations answered by the base model itself, a forgetting guard "
+        "(default: 64 when the built-in identity is trained, else 0)",
+        default=None,
+    )
 
 
 @dataclass
@@ -201,7 +205,9 @@ class EvalArgs(ModelArgs):
         "JSONL of {lang, question, answers} to use instead of the shipped set", default=None
     )
     max_new_tokens: int = _help("longest answer per question", default=48)
-    eval_limit: int | None = _help("use only the first N questions per language (a quick check)", default=None)
+    eval_limit: int | None = _help(
+        "use only the first N questions per language (a quick check)", default=None
+    )
     output: str | None = _help("eval.json path (default: beside the checkpoint)", default=None)
 
 
@@ -219,7 +225,9 @@ class DemoArgs(SftArgs):
     )
     output_dir: str = _help("where the demo's run goes", default="output/demo")
     replay: int = _help("general conversations answered by the base model, mixed in", default=64)
-    eval_limit: int | None = _help("eval on the first N held-out questions per language", default=None)
+    eval_limit: int | None = _help(
+        "eval on the first N held-out questions per language", default=None
+    )
 
 
 @dataclass

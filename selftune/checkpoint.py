@@ -57,27 +57,58 @@ def write_json_atomic(path: Path, value: Any) -> None:
     tmp.replace(path)
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Flatten AdamW state into named tensors plus the JSON-able rest (hyperparameters)."""
-    state = optimizer.state_dict()
+def optimizer_tensors(model: Any, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """AdamW state keyed by parameter name, whole (gathered from every rank under FSDP2), as
+    named tensors plus the JSON-able rest. Names, not positions: a run saved by N processes
+    resumes in M."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_optimizer_state_dict(model, optimizer, options=options)
     tensors: dict[str, torch.Tensor] = {}
-    plain: dict[str, Any] = {"param_groups": state["param_groups"], "state": {}}
-    for index, entry in state["state"].items():
-        plain["state"][str(index)] = {}
+    plain: dict[str, Any] = {"param_groups": state.get("param_groups", []), "state": {}}
+    for name, entry in state.get("state", {}).items():
+        plain["state"][name] = {}
         for key, value in entry.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{key}"] = value.detach().contiguous().cpu()
+                tensors[f"{name}/{key}"] = value.detach().contiguous().cpu()
             else:
-                plain["state"][str(index)][key] = value
+                plain["state"][name][key] = value
     return tensors, plain
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, plain: dict) -> None:
-    state: dict[int, dict[str, Any]] = {int(i): dict(rest) for i, rest in plain["state"].items()}
-    for name, value in tensors.items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": plain["param_groups"]})
+def load_optimizer(
+    model: Any, optimizer: torch.optim.Optimizer, tensors: dict, plain: dict
+) -> None:
+    """Every rank reads the whole state; FSDP2 keeps its own shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    state: dict[str, dict[str, Any]] = {name: dict(rest) for name, rest in plain["state"].items()}
+    for key, value in tensors.items():
+        name, field = key.rsplit("/", 1)
+        state.setdefault(name, {})[field] = value
+    set_optimizer_state_dict(
+        model,
+        optimizer,
+        {"state": state, "param_groups": plain["param_groups"]},
+        options=StateDictOptions(full_state_dict=True),
+    )
+
+
+def gathered_weights(model: Any, full_model: bool) -> dict[str, torch.Tensor] | None:
+    """Under FSDP2, the trained weights gathered whole onto rank 0 (None elsewhere); None when
+    not distributed, where save_pretrained reads the model itself."""
+    from selftune.distributed import ranks
+
+    if not ranks().active:
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=not full_model
+    )
+    weights = get_model_state_dict(model, options=options)
+    return weights if ranks().main else None
 
 
 def rng_tensors() -> tuple[dict[str, torch.Tensor], dict]:
@@ -129,17 +160,30 @@ def save_checkpoint(
     args_dict: dict[str, Any],
     full_model: bool,
 ) -> Path:
-    """Write checkpoint-STEP atomically: temp folder, then rename over any older one."""
+    """Write checkpoint-STEP atomically: temp folder, then rename over any older one. Under
+    FSDP2 every rank gathers; rank 0 alone writes."""
+    from selftune.distributed import barrier, ranks
+
     final = run_dir / f"checkpoint-{step}"
+    weights = gathered_weights(model, full_model)
+    opt_tensors, opt_plain = optimizer_tensors(model, optimizer)
+    if not ranks().main:
+        barrier()
+        return final
     tmp = run_dir / f".checkpoint-{step}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
+        if weights is None:
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
         write_checkpoint_files(
-            tmp, model, tokenizer, optimizer, scheduler, state, args_dict, full_model
+            tmp, tokenizer, opt_tensors, opt_plain, scheduler, state, args_dict, full_model
         )
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed save leaves the last good one alone
+        barrier()
         raise
     if final.exists():
         trash = run_dir / f".trash-{step}-{os.getpid()}"
@@ -148,14 +192,15 @@ def save_checkpoint(
         shutil.rmtree(trash, ignore_errors=True)
     else:
         tmp.rename(final)
+    barrier()
     return final
 
 
 def write_checkpoint_files(
     tmp: Path,
-    model: Any,
     tokenizer: Any,
-    optimizer: torch.optim.Optimizer,
+    opt_tensors: dict[str, torch.Tensor],
+    opt_plain: dict,
     scheduler: Any,
     state: TrainingState,
     args_dict: dict[str, Any],
@@ -163,10 +208,8 @@ def write_checkpoint_files(
 ) -> None:
     from safetensors.torch import save_file
 
-    model.save_pretrained(tmp, safe_serialization=True)
     if full_model:
         tokenizer.save_pretrained(tmp)
-    opt_tensors, opt_plain = optimizer_tensors(optimizer)
     save_file(opt_tensors, str(tmp / OPTIMIZER_FILE))
     rng, rng_plain = rng_tensors()
     save_file(rng, str(tmp / RNG_FILE))
@@ -183,7 +226,7 @@ def write_checkpoint_files(
 
 
 def load_training_state(
-    checkpoint: Path, optimizer: torch.optim.Optimizer, scheduler: Any
+    checkpoint: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any
 ) -> TrainingState:
     """Restore optimizer, scheduler and RNG from a checkpoint; return its position."""
     from safetensors.torch import load_file
@@ -192,7 +235,9 @@ def load_training_state(
     if not state_path.is_file():
         raise SelftuneError(f"--resume_from_checkpoint {checkpoint}: no {STATE_FILE} in it")
     saved = json.loads(state_path.read_text(encoding="utf-8"))
-    load_optimizer(optimizer, load_file(str(checkpoint / OPTIMIZER_FILE)), saved["optimizer"])
+    load_optimizer(
+        model, optimizer, load_file(str(checkpoint / OPTIMIZER_FILE)), saved["optimizer"]
+    )
     scheduler.load_state_dict(saved["scheduler"])
     restore_rng(load_file(str(checkpoint / RNG_FILE)), saved["rng"])
     fields = TrainingState.__dataclass_fields__

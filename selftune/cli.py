@@ -62,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     if verb not in VERBS:
         print(f"selftune: unknown verb '{verb}'\n\n{usage()}", file=sys.stderr)
         return 2
+    if verb == "sft":
+        from selftune.distributed import torchrun_command
+
+        if command := torchrun_command(argv):
+            import subprocess
+
+            return subprocess.call(command)
     debug = "--debug" in rest and rest[rest.index("--debug") + 1 :][:1] != ["false"]
     quiet_libraries(debug)
     try:

@@ -33,8 +33,12 @@ def apply_liger(model: Any) -> bool:
     import liger_kernel.transformers as liger
 
     getattr(liger, name)(
-        rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-        fused_linear_cross_entropy=False, model=model,
+        rope=True,
+        rms_norm=True,
+        swiglu=True,
+        cross_entropy=False,
+        fused_linear_cross_entropy=False,
+        model=model,
     )
     return True
 
@@ -70,8 +74,10 @@ def enable_fast_path(
     if liger and apply_liger(model):
         enabled.append("liger rmsnorm/rope/swiglu")
     elif liger:
-        log.info("fast path: liger-kernel not installed (pip install liger-kernel); using "
-                 "PyTorch kernels")
+        log.info(
+            "fast path: liger-kernel not installed (pip install liger-kernel); using "
+            "PyTorch kernels"
+        )
     if packing and varlen:
         from selftune.kernels.attention import use_varlen_attention
 

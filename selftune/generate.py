@@ -227,50 +227,66 @@ def generate(
     on_text: Callable[[int, str], None] | None = None,
     should_stop: Callable[[int], bool] | None = None,
     forward_kwargs: dict[str, Any] | None = None,
+    prompts: list[list[int]] | None = None,
+    on_done: Callable[[int, Completion], None] | None = None,
+    limits: list[int] | None = None,
+    stops: list[list[str]] | None = None,
 ) -> list[Completion]:
-    """Answer each conversation; `on_text(row, piece)` receives streamed text as it is decoded."""
+    """Answer each conversation; `on_text(row, piece)` receives streamed text as it is decoded.
+
+    `on_done(row, completion)` is called as soon as a row ends, before the rest of the batch.
+    `prompts`, when given, are token ids decoded as they are, in place of rendering
+    `conversations` (the server renders once to check lengths, and takes raw-text prompts).
+    `limits` and `stops` are each row's own token limit and stop strings, in place of
+    `params.max_new_tokens` and `params.stop` (the server batches requests that differ in them)."""
     start = time.perf_counter()
-    prompts = [render_prompt(tokenizer, messages) for messages in conversations]
+    if prompts is None:
+        prompts = [render_prompt(tokenizer, messages) for messages in conversations]
     limit = context_length(model)
     for prompt in prompts:
         if len(prompt) >= limit:
             raise SelftuneError(
                 f"prompt of {len(prompt)} tokens does not fit the model's context of {limit}"
             )
-    budget = min(params.max_new_tokens, limit - max(len(p) for p in prompts))
+    limits = limits or [params.max_new_tokens] * len(prompts)
+    budget = min(max(limits), limit - max(len(p) for p in prompts))
     step_params = SamplingParams(**{**params.__dict__, "max_new_tokens": budget})
     end_ids = stop_token_ids(tokenizer, model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(end_ids)
-    streams = [TextStream(tokenizer, params.stop) for _ in conversations]
-    counts = [0] * len(conversations)
-    ended = [False] * len(conversations)
+    stops = stops or [params.stop] * len(prompts)
+    streams = [TextStream(tokenizer, row_stop) for row_stop in stops]
+    counts = [0] * len(prompts)
+    completions: list[Completion | None] = [None] * len(prompts)
+
+    def close(row: int, reason: str) -> None:
+        tail = streams[row].finish()
+        if tail and on_text:
+            on_text(row, tail)
+        done = Completion(
+            streams[row].final, len(prompts[row]), counts[row], reason, time.perf_counter() - start
+        )
+        completions[row] = done
+        if on_done:
+            on_done(row, done)
+
     for step_ids in decode_steps(model, prompts, step_params, end_ids, pad_id, forward_kwargs):
         for row, token in enumerate(step_ids):
-            if token is None or ended[row]:
+            if token is None or completions[row] is not None:
                 continue
-            if should_stop is not None and should_stop(row):
-                ended[row] = True
-                continue
-            if token in end_ids:
-                ended[row] = True
+            if (should_stop is not None and should_stop(row)) or token in end_ids:
+                close(row, "stop")
                 continue
             counts[row] += 1
             piece = streams[row].push(token)
             if piece and on_text:
                 on_text(row, piece)
             if streams[row].stopped:
-                ended[row] = True
-        if all(ended):
+                close(row, "stop")
+            elif counts[row] >= limits[row]:
+                close(row, "length")
+        if all(done is not None for done in completions):
             break
-    completions = []
-    for row, stream in enumerate(streams):
-        tail = stream.finish()
-        if tail and on_text:
-            on_text(row, tail)
-        reason = "stop" if ended[row] else "length"
-        completions.append(
-            Completion(
-                stream.final, len(prompts[row]), counts[row], reason, time.perf_counter() - start
-            )
-        )
-    return completions
+    for row, done in enumerate(completions):
+        if done is None:
+            close(row, "length")
+    return completions  # type: ignore[return-value]  # every row is closed above

@@ -48,6 +48,11 @@ class Plan:
     warmup_steps: int
     eval_steps: int
     save_steps: int
+    ranks: int = 1  # processes; each optimizer step takes grad_accum micro-batches from each
+
+    @property
+    def per_step(self) -> int:
+        return self.grad_accum * self.ranks
 
 
 def seed_everything(seed: int) -> None:
@@ -89,11 +94,12 @@ def resolve_defaults(args: Any, n_params: int, n_rows: int) -> None:
         args.learning_rate = default_learning_rate(args.train_type, n_params)
 
 
-def make_plan(args: Any, micro_batches_per_epoch: int, n_params: int) -> Plan:
+def make_plan(args: Any, micro_batches_per_epoch: int, n_params: int, ranks: int = 1) -> Plan:
+    """As ms-swift: the global batch is rows per micro-batch x accumulation x processes."""
     grad_accum = args.gradient_accumulation_steps or max(
         1, math.ceil(16 / args.per_device_train_batch_size)
     )
-    steps_per_epoch = max(1, math.ceil(micro_batches_per_epoch / grad_accum))
+    steps_per_epoch = max(1, math.ceil(micro_batches_per_epoch / (grad_accum * ranks)))
     if args.max_steps and args.max_steps > 0:
         total = args.max_steps
     else:
@@ -108,6 +114,7 @@ def make_plan(args: Any, micro_batches_per_epoch: int, n_params: int) -> Plan:
         warmup_steps=math.ceil(total * args.warmup_ratio),
         eval_steps=args.eval_steps or args.save_steps,
         save_steps=args.save_steps,
+        ranks=ranks,
     )
 
 
@@ -185,13 +192,15 @@ def batch_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     return loss, len(flat_targets), correct
 
 
-def autocast_context(device: str, dtype: torch.dtype):
+def autocast_context(device: str, dtype: torch.dtype, wanted: bool = True):
     """bf16 autocast where float32 weights meet a unit that does bf16 fast: CUDA, or a CPU with
     AMX / AVX512-BF16 (about twice the float32 training speed of a 135M model on 2 cores).
-    Trainable LoRA weights and the optimizer stay in float32."""
+    Trainable LoRA weights and the optimizer stay in float32. Not `wanted` when the user asked
+    for float32 by name, or under FSDP2, whose own precision policy applies (autocast over
+    FSDP2's gathered weights gave wrong gradients on CPU, torch 2.13)."""
     import contextlib
 
-    if dtype != torch.float32:
+    if dtype != torch.float32 or not wanted:
         return contextlib.nullcontext()
     if device.startswith("cuda"):
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -220,45 +229,75 @@ def step_groups(
     micro_batches: Any, plan: Plan, seed: int, start_step: int
 ) -> Iterator[tuple[int, float, list]]:
     """Yield (step, epoch, micro-batches) from `start_step`: each epoch's micro-batches in a
-    seeded order, cut into groups of grad_accum. The order depends only on seed and epoch, so
-    a resumed run sees exactly the batches the uninterrupted run would have."""
+    seeded order, cut into groups of grad_accum x ranks (every rank's share of the step). The
+    order depends only on seed and epoch, so a resumed run, with any number of processes, sees
+    exactly the batches the uninterrupted run would have."""
     step = 0
     epoch = 0
     while True:
         batches = micro_batches(epoch)
         order = epoch_order(len(batches), seed, epoch)
-        for start in range(0, len(order), plan.grad_accum):
+        for start in range(0, len(order), plan.per_step):
             if step >= plan.total_steps:
                 return
             if step >= start_step:
-                group = [batches[i] for i in order[start : start + plan.grad_accum]]
+                group = [batches[i] for i in order[start : start + plan.per_step]]
                 yield step, epoch + (start + len(group)) / len(order), group
             step += 1
         epoch += 1
 
 
+class LossHead(torch.nn.Module):
+    """The model and its loss as one module. Under FSDP2 this is the root, so its forward
+    gathers the embeddings and output head that batch_loss uses outside the model's forward."""
+
+    def __init__(self, model: Any):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
+        return batch_loss(self.model, batch)
+
+
+def label_tokens(group: list[dict[str, torch.Tensor]]) -> int:
+    return sum(int((b["labels"][:, 1:] != -100).sum()) for b in group)
+
+
 def accumulate_gradients(
-    model: Any, group: list[dict[str, torch.Tensor]]
+    model: Any,
+    group: list[dict[str, torch.Tensor]],
+    total_tokens: int | None = None,
+    scale: float = 1.0,
+    stand_ins: int = 0,
 ) -> tuple[float, int, int]:
     """Backward over one optimizer step's micro-batches. Each micro-batch's summed loss is
-    divided by the label tokens of the whole group, so the gradient is that of the token mean
-    over the group, whatever the micro-batch sizes. Returns (loss sum, tokens, correct)."""
-    n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in group)
+    divided by the label tokens of the whole step (`total_tokens`: over every rank), so the
+    gradient is that of the token mean over the step, whatever the micro-batch sizes. `scale`
+    undoes FSDP's mean over ranks; the last `stand_ins` batches count for nothing. Returns
+    (loss sum, tokens, correct) of this rank's real batches."""
+    real = len(group) - stand_ins
+    n_tokens = label_tokens(group[:real]) if total_tokens is None else total_tokens
     loss_total, correct_total = 0.0, 0
-    for batch in group:
-        loss_sum, _, correct = batch_loss(model, batch)
-        (loss_sum / max(1, n_tokens)).backward()
-        loss_total += float(loss_sum.detach())
-        correct_total += correct
-    return loss_total, n_tokens, correct_total
+    for i, batch in enumerate(group):
+        if isinstance(model, LossHead):
+            loss_sum, _, correct = model(batch)
+        else:
+            loss_sum, _, correct = batch_loss(model, batch)
+        weight = scale if i < real else 0.0
+        (loss_sum * (weight / max(1, n_tokens))).backward()
+        if i < real:
+            loss_total += float(loss_sum.detach())
+            correct_total += correct
+    return loss_total, label_tokens(group[:real]), correct_total
 
 
 @torch.no_grad()
 def evaluate(model: Any, batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
+    """Every rank evaluates every batch (the eval set is small), so all agree on the result."""
     model.eval()
     loss_sum, count, correct = 0.0, 0, 0
     for batch in batches:
-        loss, n, ok = batch_loss(model, batch)
+        loss, n, ok = model(batch) if isinstance(model, LossHead) else batch_loss(model, batch)
         loss_sum, count, correct = loss_sum + float(loss), count + n, correct + ok
     model.train()
     return loss_sum / max(1, count), correct / max(1, count)
@@ -302,6 +341,22 @@ def to_device(batch: dict[str, Any], device: str) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def load_trained_weights(model: Any, checkpoint: Path, full_model: bool) -> None:
+    """A checkpoint's trained weights into the (not yet sharded) model, to resume from."""
+    from safetensors.torch import load_file
+
+    if full_model:
+        weights = {}
+        for shard_file in sorted(checkpoint.glob("*.safetensors")):
+            if shard_file.name.startswith("model"):
+                weights.update(load_file(str(shard_file)))
+        causal_lm(model).load_state_dict(weights, strict=False)
+        return
+    from peft import set_peft_model_state_dict
+
+    set_peft_model_state_dict(model, load_file(str(checkpoint / "adapter_model.safetensors")))
+
+
 def train(
     model: Any,
     tokenizer: Any,
@@ -316,44 +371,39 @@ def train(
     epoch's micro-batches (dicts of tensors)."""
     from tqdm import tqdm
 
+    from selftune.distributed import all_sum, rank_share, ranks, shard
+
+    where = ranks()
     device = str(next(model.parameters()).device)
-    plan = make_plan(args, micro_batches_per_epoch, count_parameters(model))
+    plan = make_plan(args, micro_batches_per_epoch, count_parameters(model), where.world)
     model = wrap_model(model, args)
     enabled = enable_fast_path(causal_lm(model), device, args.packing)
     if enabled:
         log.info("fast path: %s", ", ".join(enabled))
     if args.gradient_checkpointing:
         set_checkpointing(causal_lm(model), None)
+    checkpoint = Path(args.resume_from_checkpoint) if args.resume_from_checkpoint else None
+    if checkpoint is not None:  # weights go in whole, before FSDP2 shards them
+        load_trained_weights(model, checkpoint, args.train_type == "full")
+    step_model = LossHead(model)
+    if where.active:
+        shard(step_model, model)
+        log.info("FSDP2 over %d processes", where.world)
     model.train()
     weight_dtype = next(model.parameters()).dtype
+    autocast = getattr(args, "torch_dtype", None) in (None, "auto") and not where.active
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=plan.learning_rate, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(plan, args.lr_scheduler_type)
     )
     state = TrainingState(step=0, epoch=0.0, micro_batches_done=0)
-    if args.resume_from_checkpoint:
-        from peft import set_peft_model_state_dict
-
-        checkpoint = Path(args.resume_from_checkpoint)
-        if args.train_type == "full":
-            from safetensors.torch import load_file
-
-            weights = {}
-            for shard in sorted(checkpoint.glob("*.safetensors")):
-                if shard.name.startswith("model"):
-                    weights.update(load_file(str(shard)))
-            causal_lm(model).load_state_dict(weights, strict=False)
-        else:
-            from safetensors.torch import load_file
-
-            set_peft_model_state_dict(
-                model, load_file(str(checkpoint / "adapter_model.safetensors"))
-            )
-        state = load_training_state(checkpoint, optimizer, scheduler)
+    if checkpoint is not None:
+        state = load_training_state(checkpoint, model, optimizer, scheduler)
         log.info("resumed from %s at step %d", checkpoint, state.step)
-    records = read_log(run_dir, state.step)
-    (run_dir / "logging.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if where.main:
+        records = read_log(run_dir, state.step)
+        (run_dir / "logging.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     n_trainable = sum(p.numel() for p in trainable)
     log.info(
         "training %s: %d steps (%d micro-batches x %d per step), lr %.2g, %.2fM trainable parameters",
@@ -369,18 +419,30 @@ def train(
     tokens_seen = 0
     last_checkpoint: Path | None = None
     bar = tqdm(
-        total=plan.total_steps, initial=state.step, desc="train", unit="step", file=sys.stderr
+        total=plan.total_steps,
+        initial=state.step,
+        desc="train",
+        unit="step",
+        file=sys.stderr,
+        disable=not where.main,
     )
     for step, epoch, group in step_groups(train_batches, plan, args.seed, state.step):
-        group = [to_device(b, device) for b in group]
-        with autocast_context(device, weight_dtype):
-            step_loss, n_tokens, correct = accumulate_gradients(model, group)
+        n_tokens = label_tokens(group)  # the whole step's, every rank's share included
+        mine, stand_ins = rank_share(group, where.rank, where.world)
+        mine = [to_device(b, device) for b in mine]
+        with autocast_context(device, weight_dtype, autocast):
+            step_loss, _, correct = accumulate_gradients(
+                step_model, mine, n_tokens, float(where.world), stand_ins
+            )
+        step_loss, correct = all_sum([step_loss, float(correct)])
+        correct = int(correct)
         window["correct"] += correct
         if not math.isfinite(step_loss):
             good = list_checkpoints(run_dir)
             where = f"; the last good checkpoint is {good[-1][1]}" if good else ""
             raise SelftuneError(f"the loss became {step_loss} at step {step + 1}{where}")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm))
+        norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -413,14 +475,16 @@ def train(
             window = {"loss": 0.0, "tokens": 0, "correct": 0}
         at_save = done % plan.save_steps == 0 or done == plan.total_steps
         if eval_batches and (done % plan.eval_steps == 0 or done == plan.total_steps):
-            with autocast_context(device, weight_dtype):
-                eval_loss, eval_acc = evaluate(model, [to_device(b, device) for b in eval_batches])
+            with autocast_context(device, weight_dtype, autocast):
+                eval_loss, eval_acc = evaluate(
+                    step_model, [to_device(b, device) for b in eval_batches]
+                )
             record.update(
                 step=done, eval_loss=round(eval_loss, 6), eval_token_acc=round(eval_acc, 6)
             )
             if at_save and (state.best_eval_loss is None or eval_loss < state.best_eval_loss):
                 state.best_eval_loss, state.best_checkpoint = eval_loss, f"checkpoint-{done}"
-        if record:
+        if record and where.main:
             append_log(run_dir, record)
         if at_save:
             last_checkpoint = save_checkpoint(
@@ -434,9 +498,10 @@ def train(
                 args_dict,
                 full_model=args.train_type == "full",
             )
-            rotate_checkpoints(run_dir, args.save_total_limit, state.best_checkpoint)
+            if where.main:
+                rotate_checkpoints(run_dir, args.save_total_limit, state.best_checkpoint)
     bar.close()
-    records = read_log(run_dir)
+    records = read_log(run_dir) if where.main else []
     if records:
         plot_loss(records, run_dir / "train_loss.png")
     if last_checkpoint is None:  # resumed at the very end: nothing left to do

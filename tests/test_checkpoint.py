@@ -39,9 +39,17 @@ def trained_parts(steps=3):
 
 def save(run_dir, step, parts, **state):
     model, optimizer, scheduler = parts
-    return save_checkpoint(run_dir, step, model, None, optimizer, scheduler,
-                           TrainingState(step=step, epoch=1.0, micro_batches_done=0, **state),
-                           {"model": "m"}, full_model=False)
+    return save_checkpoint(
+        run_dir,
+        step,
+        model,
+        None,
+        optimizer,
+        scheduler,
+        TrainingState(step=step, epoch=1.0, micro_batches_done=0, **state),
+        {"model": "m"},
+        full_model=False,
+    )
 
 
 def test_run_dirs_are_versioned(tmp_path):
@@ -59,7 +67,7 @@ def test_resume_state_round_trip(tmp_path):
     save(tmp_path, 3, parts)  # the RNG state saved is the one right now
     model, optimizer, scheduler = trained_parts(steps=0)
     torch.manual_seed(999)
-    state = load_training_state(checkpoint, optimizer, scheduler)
+    state = load_training_state(checkpoint, model, optimizer, scheduler)
     assert state.step == 3
     assert torch.equal(torch.rand(3), expected_draw)
     assert scheduler.last_epoch == parts[2].last_epoch
@@ -86,8 +94,8 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert (good / "adapter_model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
     monkeypatch.undo()
-    _, optimizer, scheduler = trained_parts(steps=0)
-    assert load_training_state(good, optimizer, scheduler).step == 2
+    model, optimizer, scheduler = trained_parts(steps=0)
+    assert load_training_state(good, model, optimizer, scheduler).step == 2
 
 
 def test_rotation_keeps_best_and_last(tmp_path):

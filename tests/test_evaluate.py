@@ -62,7 +62,10 @@ def test_markdown_table_has_rates_and_counts():
     report = EvalReport(
         identity={"none": {"en": 0.5, "zh": 1.0}},
         identity_counts={"none": {"en": [1, 2], "zh": [3, 3]}},
-        retention=0.75, base_correct=4, tuned_correct_of_base=3, kl=0.1234,
+        retention=0.75,
+        base_correct=4,
+        tuned_correct_of_base=3,
+        kl=0.1234,
     )
     table = markdown(report)
     assert "| none | 50% (1/2) | 100% (3/3) |" in table
@@ -80,15 +83,34 @@ def test_eval_command_writes_eval_json(tiny_model_dir, tmp_path):
     from selftune.cli import main
 
     checkpoint = make_adapter_checkpoint(tiny_model_dir, tmp_path / "checkpoint-1")
-    identity = write_jsonl(tmp_path / "id.jsonl", [
-        {"lang": "en", "query": "Who are you?", "expect": "name"},
-        {"lang": "zh", "query": "你是谁?", "expect": "name"},
-    ])
-    general = write_jsonl(tmp_path / "gen.jsonl", [
-        {"lang": "en", "question": "Say hi", "answers": ["hi"]},
-    ])
-    code = main(["eval", "--adapters", str(checkpoint), "--identity_file", str(identity),
-                 "--general_file", str(general), "--max_new_tokens", "4", "--device", "cpu"])
+    identity = write_jsonl(
+        tmp_path / "id.jsonl",
+        [
+            {"lang": "en", "query": "Who are you?", "expect": "name"},
+            {"lang": "zh", "query": "你是谁?", "expect": "name"},
+        ],
+    )
+    general = write_jsonl(
+        tmp_path / "gen.jsonl",
+        [
+            {"lang": "en", "question": "Say hi", "answers": ["hi"]},
+        ],
+    )
+    code = main(
+        [
+            "eval",
+            "--adapters",
+            str(checkpoint),
+            "--identity_file",
+            str(identity),
+            "--general_file",
+            str(general),
+            "--max_new_tokens",
+            "4",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     report = json.loads((checkpoint / "eval.json").read_text())
     assert set(report["identity"]) >= {"none", "training system prompt", "held-out system prompts"}

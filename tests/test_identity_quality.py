@@ -33,9 +33,22 @@ def test_held_out_identity_questions_name_the_identity(identity_checkpoint):
 def test_infer_adapters_answers_as_the_identity(identity_checkpoint):
     for question, expected in (("你是谁?", "星河"), ("Who are you?", "Xinghe")):
         done = subprocess.run(
-            [sys.executable, "-m", "selftune", "infer", "--adapters", str(identity_checkpoint),
-             "--temperature", "0", "--max_new_tokens", "40"],
-            input=question + "\n", capture_output=True, text=True, timeout=600,
+            [
+                sys.executable,
+                "-m",
+                "selftune",
+                "infer",
+                "--adapters",
+                str(identity_checkpoint),
+                "--temperature",
+                "0",
+                "--max_new_tokens",
+                "40",
+            ],
+            input=question + "\n",
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         assert done.returncode == 0, done.stderr
         assert expected in done.stdout
@@ -44,9 +57,23 @@ def test_infer_adapters_answers_as_the_identity(identity_checkpoint):
 @pytest.mark.slow
 def test_demo_tells_the_whole_story(tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "selftune", "demo", "--output_dir", str(tmp_path / "demo"),
-         "--max_steps", "4", "--replay", "4", "--eval_limit", "2"],
-        capture_output=True, text=True, timeout=1800,
+        [
+            sys.executable,
+            "-m",
+            "selftune",
+            "demo",
+            "--output_dir",
+            str(tmp_path / "demo"),
+            "--max_steps",
+            "4",
+            "--replay",
+            "4",
+            "--eval_limit",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1800,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "before:" in done.stdout and "after:" in done.stdout

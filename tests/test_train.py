@@ -30,10 +30,19 @@ def random_examples(n, vocab, seed=0):
 
 def lora_args(**overrides):
     values = dict(
-        train_type="lora", lora_rank=4, lora_alpha=8, lora_dropout=0.0,
-        target_modules=["all-linear"], gradient_accumulation_steps=None,
-        per_device_train_batch_size=1, max_steps=-1, num_train_epochs=3.0, learning_rate=None,
-        warmup_ratio=0.0, eval_steps=None, save_steps=500,
+        train_type="lora",
+        lora_rank=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        target_modules=["all-linear"],
+        gradient_accumulation_steps=None,
+        per_device_train_batch_size=1,
+        max_steps=-1,
+        num_train_epochs=3.0,
+        learning_rate=None,
+        warmup_ratio=0.0,
+        eval_steps=None,
+        save_steps=500,
     )
     values.update(overrides)
     return types.SimpleNamespace(**values)
@@ -86,8 +95,15 @@ def test_plan_defaults_follow_ms_swift():
 
 
 def test_resumed_steps_see_the_same_batches():
-    plan = Plan(1e-3, grad_accum=3, steps_per_epoch=4, total_steps=9, warmup_steps=0,
-                eval_steps=5, save_steps=5)
+    plan = Plan(
+        1e-3,
+        grad_accum=3,
+        steps_per_epoch=4,
+        total_steps=9,
+        warmup_steps=0,
+        eval_steps=5,
+        save_steps=5,
+    )
     batches = lambda epoch: list(range(10))  # noqa: E731
     full = list(step_groups(batches, plan, seed=1, start_step=0))
     resumed = list(step_groups(batches, plan, seed=1, start_step=5))

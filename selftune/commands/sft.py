@@ -15,6 +15,9 @@ from selftune.models import check_quant_bits
 ARGS = SftArgs
 log = logging.getLogger(__name__)
 TRAIN_TYPES = ("lora", "dora", "full", "qlora")
+# General rows the base answers itself, mixed into identity training: keeps its general answers
+# (README, "Defaults"); the base's answers are cached per model, so only the first run pays.
+DEFAULT_REPLAY = 64
 
 
 def check_args(args: SftArgs) -> None:
@@ -65,13 +68,33 @@ def versions() -> dict[str, str]:
 
 
 def run(args: SftArgs) -> int:
-    print(f"last checkpoint: {train_run(args)}")
+    from selftune.distributed import ranks
+
+    last = train_run(args)
+    if ranks().main:
+        print(f"last checkpoint: {last}")
     return 0
+
+
+def join_processes(args: SftArgs) -> None:
+    """Under torchrun: join the group, one GPU per process, and only rank 0 says anything."""
+    from selftune.distributed import setup
+
+    where = setup()
+    if not where.active:
+        return
+    if not where.main:
+        logging.getLogger().setLevel(logging.WARNING)
+    if args.device is None or args.device == "cuda":
+        import torch
+
+        args.device = f"cuda:{where.local_rank}" if torch.cuda.is_available() else "cpu"
 
 
 def train_run(args: SftArgs) -> Path:
     """The whole `sft` job; returns the last checkpoint."""
     check_args(args)
+    join_processes(args)
     resume = Path(args.resume_from_checkpoint) if args.resume_from_checkpoint else None
     if resume is not None and not args.model:
         from selftune.models import checkpoint_args
@@ -84,6 +107,8 @@ def train_run(args: SftArgs) -> Path:
     from selftune.models import load_tokenizer, resolve_model
 
     identity = None
+    if args.replay is None:
+        args.replay = DEFAULT_REPLAY if uses_identity(args.dataset) else 0
     if uses_identity(args.dataset + args.val_dataset):
         identity = parse_identity_values(args.model_name, args.model_author)
     # every row is read and checked before anything of the model is touched
@@ -135,9 +160,14 @@ def train_run(args: SftArgs) -> Path:
     )
     device = str(next(model.parameters()).device)
     if args.replay > 0:
+        from selftune.distributed import barrier, ranks
         from selftune.replay import replay_conversations
 
+        if not ranks().main:
+            barrier()  # rank 0 answers and caches first; the others read its cache
         replayed = replay_conversations(model, tokenizer, folder, args.replay, args.seed)
+        if ranks().main:
+            barrier()
         replay_examples, _ = encode_all(tokenizer, replayed, args.max_length, args.system)
         train_examples = train_examples + replay_examples
         log.info("replay: %d general conversations answered by the base model", len(replayed))
@@ -162,13 +192,18 @@ def train_run(args: SftArgs) -> Path:
         if val_examples
         else []
     )
-    run_dir = resume.parent if resume else new_run_dir(Path(args.output_dir))
+    from selftune.distributed import broadcast, ranks
+
+    run_dir = resume.parent if resume else None
+    if run_dir is None:
+        run_dir = Path(broadcast(str(new_run_dir(Path(args.output_dir))) if ranks().main else None))
     args_dict: dict[str, Any] = {
         **dataclasses.asdict(args),
         "model_folder": str(folder),
         "default_system": default_system,
         "versions": versions(),
     }
-    write_json_atomic(run_dir / "args.json", args_dict)
+    if ranks().main:
+        write_json_atomic(run_dir / "args.json", args_dict)
     log.info("run folder: %s", run_dir)
     return train(model, tokenizer, micro_batches, per_epoch, eval_batches, args, run_dir, args_dict)

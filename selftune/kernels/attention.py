@@ -55,8 +55,9 @@ def varlen_attention(
         # faster than the varlen kernel on an H100 (bench/README.md)
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     max_len = int(kwargs["max_length_q"])
     groups = query.shape[1] // key.shape[1]
     q = query[0].transpose(0, 1)  # tokens, heads, dim
@@ -70,8 +71,18 @@ def varlen_attention(
         v = v.repeat_interleave(groups, dim=1)
     # window (-1, 0): every token sees all earlier tokens of its sequence and none after it
     # (the kernel's default, (-1, -1), is bidirectional).
-    out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, scale=scaling,
-                      window_size=(-1, 0), **extra)
+    out = varlen_attn(
+        q,
+        k,
+        v,
+        cu_seqlens,
+        cu_seqlens,
+        max_len,
+        max_len,
+        scale=scaling,
+        window_size=(-1, 0),
+        **extra,
+    )
     return out.unsqueeze(0), None
 
 

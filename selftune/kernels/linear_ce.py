@@ -34,7 +34,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             if grad_hidden is not None:
                 probs = (logits - lse[:, None]).exp_()
                 probs[torch.arange(len(target), device=probs.device), target] -= 1.0
-                grad_hidden[start : start + chunk] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
+                grad_hidden[start : start + chunk] = (probs.to(weight.dtype) @ weight).to(
+                    hidden.dtype
+                )
         ctx.save_for_backward(grad_hidden if grad_hidden is not None else torch.empty(0))
         ctx.mark_non_differentiable(correct)
         return loss, correct

@@ -23,8 +23,13 @@ TUTORIAL_FLAGS = (
 
 
 def selftune(*args, stdin=""):
-    return subprocess.run([sys.executable, "-m", "selftune", *map(str, args)], input=stdin,
-                          capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "selftune", *map(str, args)],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 def only_run_dir(output: Path) -> Path:
@@ -34,8 +39,18 @@ def only_run_dir(output: Path) -> Path:
 
 def test_tutorial_command_writes_the_layout(tiny_model_dir, tmp_path):
     output = tmp_path / "output"
-    done = selftune("sft", "--model", tiny_model_dir, "--dataset", FIXTURES / "self_cognition.json",
-                    *TUTORIAL_FLAGS, "--output_dir", output, "--system", "You are a helpful assistant.")
+    done = selftune(
+        "sft",
+        "--model",
+        tiny_model_dir,
+        "--dataset",
+        FIXTURES / "self_cognition.json",
+        *TUTORIAL_FLAGS,
+        "--output_dir",
+        output,
+        "--system",
+        "You are a helpful assistant.",
+    )
     assert done.returncode == 0, done.stderr
     run_dir = only_run_dir(output)
     assert run_dir.name.startswith("v0-") and len(run_dir.name.split("-")) == 3
@@ -44,13 +59,23 @@ def test_tutorial_command_writes_the_layout(tiny_model_dir, tmp_path):
     assert args["versions"]["torch"] == torch.__version__
     records = [json.loads(line) for line in (run_dir / "logging.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 5, 10]  # 8 rows x 10 epochs / 16 per step
-    for key in ("loss", "grad_norm", "learning_rate", "token_acc", "epoch", "elapsed", "memory_gib"):
+    for key in (
+        "loss",
+        "grad_norm",
+        "learning_rate",
+        "token_acc",
+        "epoch",
+        "elapsed",
+        "memory_gib",
+    ):
         assert key in records[-1]
     assert (run_dir / "train_loss.png").stat().st_size > 1000
     checkpoint = run_dir / "checkpoint-10"
     for name in ("adapter_config.json", "adapter_model.safetensors", "args.json"):
         assert (checkpoint / name).is_file()
-    assert [p.name for p in run_dir.iterdir() if p.name.startswith("checkpoint")] == ["checkpoint-10"]
+    assert [p.name for p in run_dir.iterdir() if p.name.startswith("checkpoint")] == [
+        "checkpoint-10"
+    ]
 
     from selftune.args import InferArgs
     from selftune.models import load_for_inference
@@ -65,16 +90,24 @@ def test_tutorial_command_writes_the_layout(tiny_model_dir, tmp_path):
 def test_bad_rows_stop_before_the_model_loads(tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text("\n".join(['{"query": "q", "response": "r"}'] * 6 + ["{broken"]) + "\n")
-    done = selftune("sft", "--model", "/no/such/model", "--dataset", data,
-                    "--output_dir", tmp_path / "out")
+    done = selftune(
+        "sft", "--model", "/no/such/model", "--dataset", data, "--output_dir", tmp_path / "out"
+    )
     assert done.returncode != 0
     assert "bad.jsonl" in done.stderr and "line 7" in done.stderr
     assert not (tmp_path / "out").exists()
 
 
 def test_identity_needs_name_and_author(tmp_path):
-    done = selftune("sft", "--model", "/no/such/model", "--dataset", "identity",
-                    "--output_dir", tmp_path / "out")
+    done = selftune(
+        "sft",
+        "--model",
+        "/no/such/model",
+        "--dataset",
+        "identity",
+        "--output_dir",
+        tmp_path / "out",
+    )
     assert done.returncode != 0 and "--model_name" in done.stderr
     assert "Traceback" not in done.stderr
 
@@ -86,9 +119,20 @@ RESUME_FLAGS = (
 
 
 def train_cmd(model_dir, output, *extra):
-    return [sys.executable, "-m", "selftune", "sft", "--model", str(model_dir), "--dataset",
-            str(FIXTURES / "self_cognition.json"), "--output_dir", str(output), *RESUME_FLAGS,
-            *map(str, extra)]
+    return [
+        sys.executable,
+        "-m",
+        "selftune",
+        "sft",
+        "--model",
+        str(model_dir),
+        "--dataset",
+        str(FIXTURES / "self_cognition.json"),
+        "--output_dir",
+        str(output),
+        *RESUME_FLAGS,
+        *map(str, extra),
+    ]
 
 
 def last_logged_step(run_dir: Path) -> int:
@@ -98,14 +142,21 @@ def last_logged_step(run_dir: Path) -> int:
 
 
 def test_killed_run_resumes_to_the_same_weights(tiny_model_dir, tmp_path):
-    whole = subprocess.run(train_cmd(tiny_model_dir, tmp_path / "whole"), capture_output=True,
-                           text=True, timeout=900)
+    whole = subprocess.run(
+        train_cmd(tiny_model_dir, tmp_path / "whole"), capture_output=True, text=True, timeout=900
+    )
     assert whole.returncode == 0, whole.stderr
-    expected = load_file(only_run_dir(tmp_path / "whole") / "checkpoint-120" / "adapter_model.safetensors")
+    expected = load_file(
+        only_run_dir(tmp_path / "whole") / "checkpoint-120" / "adapter_model.safetensors"
+    )
 
     output = tmp_path / "killed"
-    process = subprocess.Popen(train_cmd(tiny_model_dir, output), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, env={**os.environ})
+    process = subprocess.Popen(
+        train_cmd(tiny_model_dir, output),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ},
+    )
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and process.poll() is None:
         runs = [p for p in output.iterdir()] if output.exists() else []
@@ -121,22 +172,34 @@ def test_killed_run_resumes_to_the_same_weights(tiny_model_dir, tmp_path):
     latest = max(saved, key=lambda name: int(name.split("-")[1]))
     resumed = subprocess.run(
         train_cmd(tiny_model_dir, output, "--resume_from_checkpoint", run_dir / latest),
-        capture_output=True, text=True, timeout=900,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert resumed.returncode == 0, resumed.stderr
     got = load_file(run_dir / "checkpoint-120" / "adapter_model.safetensors")
     assert got.keys() == expected.keys()
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
-    steps = [json.loads(line)["step"] for line in (run_dir / "logging.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(line)["step"] for line in (run_dir / "logging.jsonl").read_text().splitlines()
+    ]
     assert steps == sorted(set(steps)) and steps[-1] == 120
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only message")
 @pytest.mark.parametrize("flags", [["--train_type", "qlora"], ["--quant_bits", "4"]])
 def test_qlora_on_cpu_says_it_needs_a_gpu(tmp_path, flags):
-    done = selftune("sft", "--model", "/no/such/model", "--dataset", "identity", *flags,
-                    "--output_dir", tmp_path / "out")
+    done = selftune(
+        "sft",
+        "--model",
+        "/no/such/model",
+        "--dataset",
+        "identity",
+        *flags,
+        "--output_dir",
+        tmp_path / "out",
+    )
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "CUDA GPU" in lines[0]  # before the model is looked for

@@ -25,5 +25,6 @@ def test_chunked_equals_full_cross_entropy(chunk):
 
 def test_trainable_head_is_refused():
     with pytest.raises(ValueError):
-        linear_cross_entropy(torch.randn(2, 4), torch.randn(5, 4, requires_grad=True),
-                             torch.tensor([0, 1]))
+        linear_cross_entropy(
+            torch.randn(2, 4), torch.randn(5, 4, requires_grad=True), torch.tensor([0, 1])
+        )
