@@ -17,6 +17,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "sft": ("selftune.commands.sft", "fine-tune: LoRA (default), DoRA or full"),
     "eval": ("selftune.commands.eval", "identity hit rate and retention of an adapter vs its base"),
     "identity": ("selftune.commands.identity", "write the built-in identity dataset, filled in"),
+    "serve": ("selftune.commands.serve", "OpenAI-compatible API and web chat page"),
     "export": ("selftune.commands.export", "merged model, adapter, GGUF + Ollama Modelfile"),
 }
 

@@ -126,8 +126,12 @@ def cached_gguf_folder(gguf_path: Path) -> Path:
     return out_dir
 
 
+def embedded_cache_dir() -> Path:
+    return selftune_home() / "models" / "smollm2-135m-instruct"
+
+
 def embedded_folder() -> Path:
-    out_dir = selftune_home() / "models" / "smollm2-135m-instruct"
+    out_dir = embedded_cache_dir()
     if not is_model_folder(out_dir):
         convert_gguf(embedded_gguf_path(), out_dir)
     drop_stale_quantization(out_dir)
