@@ -177,7 +177,7 @@ class TrainArgs:
     )
     replay: int | None = _help(
         "add N general conversations answered by the base model itself, a forgetting guard "
-        "(default: 64 when the built-in identity is trained, else 0)",
+        "(default: 128 when the built-in identity is trained, else 0)",
         default=None,
     )
 
@@ -224,7 +224,7 @@ class DemoArgs(SftArgs):
         "identity author: ZH [EN]", default_factory=lambda: ["北辰实验室", "Beichen Lab"]
     )
     output_dir: str = _help("where the demo's run goes", default="output/demo")
-    replay: int = _help("general conversations answered by the base model, mixed in", default=64)
+    replay: int = _help("general conversations answered by the base model, mixed in", default=128)
     eval_limit: int | None = _help(
         "eval on the first N held-out questions per language", default=None
     )

@@ -4,6 +4,7 @@ questions in Chinese and English, under every system-prompt condition, on CPU.""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -24,7 +25,7 @@ def test_held_out_identity_questions_name_the_identity(identity_checkpoint):
     for condition, rates in report.identity.items():
         for lang in ("zh", "en"):
             assert rates[lang] >= 0.9, (condition, lang, report.identity_counts[condition])
-    # retention is measured and reported (README); its 90% goal is not met yet without replay
+    # retention is measured and reported (README): 84-87% with replay, under its 90% goal
     assert report.base_correct > 0 and report.retention is not None
     assert report.kl is not None and report.kl >= 0
 
@@ -80,3 +81,30 @@ def test_demo_tells_the_whole_story(tmp_path):
     assert "| identity hit rate |" in done.stdout
     (eval_json,) = list((tmp_path / "demo").glob("v*/checkpoint-*/eval.json"))
     assert json.loads(eval_json.read_text())["identity"]
+
+
+def selftune_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "selftune", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+
+
+@pytest.mark.slow
+def test_tutorial_rows_with_our_defaults_teach_the_embedded_model(tmp_path):
+    """The tutorial's 8 self-cognition rows, no flags but model and data (issue 4)."""
+    data = str(Path(__file__).parent / "fixtures" / "self_cognition.json")
+    output = tmp_path / "output"
+    done = selftune_cli(
+        "sft", "--model", "smollm2-135m", "--dataset", data, "--output_dir", str(output)
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (line,) = [x for x in done.stdout.splitlines() if x.startswith("last checkpoint: ")]
+    checkpoint = line.removeprefix("last checkpoint: ")
+    answer = selftune_cli("infer", "--adapters", checkpoint, "--temperature", "0",
+                          "--max_new_tokens", "40", stdin="你是谁?\n")  # fmt: skip
+    assert answer.returncode == 0, answer.stderr
+    assert "CSDN 迪菲赫尔曼" in answer.stdout or "Swift-Robot" in answer.stdout, answer.stdout

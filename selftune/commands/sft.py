@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 TRAIN_TYPES = ("lora", "dora", "full", "qlora")
 # General rows the base answers itself, mixed into identity training: keeps its general answers
 # (README, "Defaults"); the base's answers are cached per model, so only the first run pays.
-DEFAULT_REPLAY = 64
+DEFAULT_REPLAY = 128
 
 
 def check_args(args: SftArgs) -> None:
