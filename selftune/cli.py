@@ -14,7 +14,7 @@ from selftune.errors import SelftuneError
 VERBS: dict[str, tuple[str, str]] = {
     "demo": ("selftune.commands.demo", "the whole story on the embedded model, with numbers"),
     "infer": ("selftune.commands.infer", "chat in the terminal, or answer a dataset into JSONL"),
-    "sft": ("selftune.commands.sft", "fine-tune: LoRA (default), DoRA or full"),
+    "sft": ("selftune.commands.sft", "fine-tune: LoRA, DoRA, full, 4-bit QLoRA"),
     "eval": ("selftune.commands.eval", "identity hit rate and retention of an adapter vs its base"),
     "identity": ("selftune.commands.identity", "write the built-in identity dataset, filled in"),
     "serve": ("selftune.commands.serve", "OpenAI-compatible API and web chat page"),
