@@ -259,6 +259,11 @@ class LossHead(torch.nn.Module):
         return batch_loss(self.model, batch)
 
 
+def loss_of(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
+    """batch_loss through the LossHead when there is one (the FSDP2 root must run forward)."""
+    return model(batch) if isinstance(model, LossHead) else batch_loss(model, batch)
+
+
 def label_tokens(group: list[dict[str, torch.Tensor]]) -> int:
     return sum(int((b["labels"][:, 1:] != -100).sum()) for b in group)
 
@@ -276,19 +281,17 @@ def accumulate_gradients(
     undoes FSDP's mean over ranks; the last `stand_ins` batches count for nothing. Returns
     (loss sum, tokens, correct) of this rank's real batches."""
     real = len(group) - stand_ins
-    n_tokens = label_tokens(group[:real]) if total_tokens is None else total_tokens
+    own_tokens = label_tokens(group[:real])
+    n_tokens = own_tokens if total_tokens is None else total_tokens
     loss_total, correct_total = 0.0, 0
     for i, batch in enumerate(group):
-        if isinstance(model, LossHead):
-            loss_sum, _, correct = model(batch)
-        else:
-            loss_sum, _, correct = batch_loss(model, batch)
+        loss_sum, _, correct = loss_of(model, batch)
         weight = scale if i < real else 0.0
         (loss_sum * (weight / max(1, n_tokens))).backward()
         if i < real:
             loss_total += float(loss_sum.detach())
             correct_total += correct
-    return loss_total, label_tokens(group[:real]), correct_total
+    return loss_total, own_tokens, correct_total
 
 
 @torch.no_grad()
@@ -297,7 +300,7 @@ def evaluate(model: Any, batches: list[dict[str, torch.Tensor]]) -> tuple[float,
     model.eval()
     loss_sum, count, correct = 0.0, 0, 0
     for batch in batches:
-        loss, n, ok = model(batch) if isinstance(model, LossHead) else batch_loss(model, batch)
+        loss, n, ok = loss_of(model, batch)
         loss_sum, count, correct = loss_sum + float(loss), count + n, correct + ok
     model.train()
     return loss_sum / max(1, count), correct / max(1, count)

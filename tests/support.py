@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import torch
 
 TINY_SYSTEM = "You are Xinghe, an assistant made by Beichen Lab."
@@ -85,3 +89,15 @@ def make_adapter_checkpoint(
     if eval_json is not None:
         (checkpoint / "eval.json").write_text(json.dumps(eval_json), encoding="utf-8")
     return checkpoint
+
+
+def run_selftune(*args, stdin: str = "", env: dict | None = None, timeout: int = 1800):
+    """`python -m selftune ARGS` as a user runs it: a real process, stdin piped, output kept."""
+    return subprocess.run(
+        [sys.executable, "-m", "selftune", *map(str, args)],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )

@@ -2,11 +2,10 @@
 questions in Chinese and English, under every system-prompt condition, on CPU."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from support import run_selftune
 
 from selftune.args import EvalArgs
 from selftune.commands.eval import run_eval
@@ -33,49 +32,20 @@ def test_held_out_identity_questions_name_the_identity(identity_checkpoint):
 @pytest.mark.slow
 def test_infer_adapters_answers_as_the_identity(identity_checkpoint):
     for question, expected in (("你是谁?", "星河"), ("Who are you?", "Xinghe")):
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "selftune",
-                "infer",
-                "--adapters",
-                str(identity_checkpoint),
-                "--temperature",
-                "0",
-                "--max_new_tokens",
-                "40",
-            ],
-            input=question + "\n",
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        done = run_selftune(
+            "infer", "--adapters", identity_checkpoint, "--temperature", "0",
+            "--max_new_tokens", "40", stdin=question + "\n",
+        )  # fmt: skip
         assert done.returncode == 0, done.stderr
         assert expected in done.stdout
 
 
 @pytest.mark.slow
 def test_demo_tells_the_whole_story(tmp_path):
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "selftune",
-            "demo",
-            "--output_dir",
-            str(tmp_path / "demo"),
-            "--max_steps",
-            "4",
-            "--replay",
-            "4",
-            "--eval_limit",
-            "2",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
+    done = run_selftune(
+        "demo", "--output_dir", tmp_path / "demo", "--max_steps", "4", "--replay", "4",
+        "--eval_limit", "2",
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "before:" in done.stdout and "after:" in done.stdout
     assert "| identity hit rate |" in done.stdout
@@ -83,28 +53,18 @@ def test_demo_tells_the_whole_story(tmp_path):
     assert json.loads(eval_json.read_text())["identity"]
 
 
-def selftune_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "selftune", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-
-
 @pytest.mark.slow
 def test_tutorial_rows_with_our_defaults_teach_the_embedded_model(tmp_path):
     """The tutorial's 8 self-cognition rows, no flags but model and data (issue 4)."""
     data = str(Path(__file__).parent / "fixtures" / "self_cognition.json")
     output = tmp_path / "output"
-    done = selftune_cli(
+    done = run_selftune(
         "sft", "--model", "smollm2-135m", "--dataset", data, "--output_dir", str(output)
     )
     assert done.returncode == 0, done.stderr[-3000:]
     (line,) = [x for x in done.stdout.splitlines() if x.startswith("last checkpoint: ")]
     checkpoint = line.removeprefix("last checkpoint: ")
-    answer = selftune_cli("infer", "--adapters", checkpoint, "--temperature", "0",
+    answer = run_selftune("infer", "--adapters", checkpoint, "--temperature", "0",
                           "--max_new_tokens", "40", stdin="你是谁?\n")  # fmt: skip
     assert answer.returncode == 0, answer.stderr
     assert "CSDN 迪菲赫尔曼" in answer.stdout or "Swift-Robot" in answer.stdout, answer.stdout

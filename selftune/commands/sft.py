@@ -194,8 +194,9 @@ def train_run(args: SftArgs) -> Path:
     )
     from selftune.distributed import broadcast, ranks
 
-    run_dir = resume.parent if resume else None
-    if run_dir is None:
+    if resume:
+        run_dir = resume.parent
+    else:  # rank 0 makes the folder; every rank writes into it
         run_dir = Path(broadcast(str(new_run_dir(Path(args.output_dir))) if ranks().main else None))
     args_dict: dict[str, Any] = {
         **dataclasses.asdict(args),

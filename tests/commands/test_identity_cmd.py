@@ -1,17 +1,8 @@
 """`selftune identity` as a user runs it: the shipped dataset, filled in, written to a file."""
 
 import json
-import subprocess
-import sys
 
-
-def selftune(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "selftune", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+from support import run_selftune as selftune
 
 
 def test_identity_writes_the_filled_dataset(tmp_path):

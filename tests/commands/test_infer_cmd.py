@@ -1,22 +1,9 @@
 """`selftune infer` as a user runs it: a real process, piped stdin, real model files."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-
-
-def selftune(*args, stdin="", env=None):
-    return subprocess.run(
-        [sys.executable, "-m", "selftune", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, **(env or {})},
-    )
+from support import run_selftune as selftune
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from support import run_selftune as selftune
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 TUTORIAL_FLAGS = (
@@ -20,16 +21,6 @@ TUTORIAL_FLAGS = (
     "--eval_steps 50 --save_steps 50 --save_total_limit 2 --logging_steps 5 --max_length 2048 "
     "--warmup_ratio 0.05 --dataloader_num_workers 4 --model_author swift --model_name swift-robot"
 ).split()
-
-
-def selftune(*args, stdin=""):
-    return subprocess.run(
-        [sys.executable, "-m", "selftune", *map(str, args)],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
 
 
 def only_run_dir(output: Path) -> Path:
