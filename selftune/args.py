@@ -180,6 +180,11 @@ class TrainArgs:
         "(default: 128 when the built-in identity is trained, else 0)",
         default=None,
     )
+    replay_top_k: int = _help(
+        "replay trains toward the base's top-k next-token probabilities, a tighter hold on its "
+        "general skills than its greedy answers alone (0: greedy answers alone)",
+        default=20,
+    )
 
 
 @dataclass

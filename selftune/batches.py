@@ -15,7 +15,7 @@ def packed_batch(pack: PackedBatch) -> Batch:
     """A pack as model inputs: restarting `position_ids` isolate conversations on eager/SDPA
     attention, and `cu_seq_lens` (transformers' flash-attention kwarg names, handed down to the
     attention function) drive the varlen kernel on CUDA (kernels.attention)."""
-    return {
+    batch = {
         "input_ids": pack.input_ids,
         "labels": pack.labels,
         "position_ids": pack.position_ids,
@@ -24,6 +24,9 @@ def packed_batch(pack: PackedBatch) -> Batch:
         "max_length_q": pack.max_seqlen,
         "max_length_k": pack.max_seqlen,
     }
+    if pack.teacher is not None:
+        batch["teacher_ids"], batch["teacher_probs"] = pack.teacher
+    return batch
 
 
 def packed(examples: list[Example], max_tokens: int) -> list[Batch]:

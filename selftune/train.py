@@ -29,11 +29,13 @@ from selftune.checkpoint import (
     rotate_checkpoints,
     save_checkpoint,
 )
+from selftune.distill import soft_target_loss
 from selftune.errors import SelftuneError
 from selftune.fast_path import enable_fast_path, set_checkpointing
 from selftune.kernels.linear_ce import linear_cross_entropy
 
 log = logging.getLogger(__name__)
+TEACHER_KEYS = ("teacher_ids", "teacher_probs")  # replay targets, not model inputs
 LOGIT_CHUNK = 4096  # label positions per lm_head chunk: bounds the logits held at once
 
 
@@ -161,32 +163,58 @@ def causal_lm(model: Any) -> Any:
 
 
 def batch_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
-    """Sum of token cross-entropies over label positions, their count, and correct argmaxes.
-    Logits are computed only at label positions; through a frozen head (LoRA) chunk by chunk
-    without keeping them for backward (kernels.linear_ce)."""
+    """Sum of token losses over label positions, their count, and correct argmaxes. The loss is
+    cross-entropy, or where the batch carries the base's probabilities (replay rows) the KL
+    divergence from them (selftune.distill). Logits are computed only at label positions;
+    through a frozen head (LoRA) chunk by chunk without keeping them for backward."""
     lm = causal_lm(model)
     labels = batch["labels"]
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", *TEACHER_KEYS)}
     targets = labels[:, 1:]
     mask = targets != -100
     flat_targets = targets[mask]
+    soft = None
+    if "teacher_probs" in batch:
+        teacher_ids = batch["teacher_ids"][:, 1:][mask]
+        teacher_probs = batch["teacher_probs"][:, 1:][mask]
+        soft = teacher_probs.sum(-1) > 0
     head = lm.get_output_embeddings()
     special_head = getattr(lm.config, "final_logit_softcapping", None) or getattr(
         lm.config, "logit_scale", None
     )
     if special_head or getattr(head, "bias", None) is not None:  # let the model make logits
         logits = lm(**inputs, use_cache=False).logits[:, :-1][mask].float()
-        loss = F.cross_entropy(logits, flat_targets, reduction="sum")
-        return loss, len(flat_targets), int((logits.argmax(-1) == flat_targets).sum())
+        correct = int((logits.argmax(-1) == flat_targets).sum())
+        if soft is None:
+            return (
+                F.cross_entropy(logits, flat_targets, reduction="sum"),
+                len(flat_targets),
+                correct,
+            )
+        log_q = logits.log_softmax(-1)
+        hard_loss = F.nll_loss(log_q[~soft], flat_targets[~soft], reduction="sum")
+        probs = teacher_probs[soft]
+        kl = probs * (probs.clamp_min(1e-12).log() - log_q[soft].gather(1, teacher_ids[soft]))
+        return hard_loss + kl.sum(), len(flat_targets), correct
     hidden = lm.get_decoder()(**inputs, use_cache=False).last_hidden_state[:, :-1][mask]
-    if not head.weight.requires_grad:
-        loss, correct = linear_cross_entropy(hidden, head.weight, flat_targets)
-        return loss, len(flat_targets), correct
     loss = torch.zeros((), device=labels.device)
     correct = 0
+    if soft is not None and bool(soft.any()):
+        kl, soft_correct = soft_target_loss(
+            head, hidden[soft], teacher_ids[soft], teacher_probs[soft], flat_targets[soft]
+        )
+        loss, correct = loss + kl, correct + soft_correct
+        hidden, flat_targets_hard = hidden[~soft], flat_targets[~soft]
+    else:
+        flat_targets_hard = flat_targets
+    if hidden.shape[0] == 0:
+        return loss, len(flat_targets), correct
+    if not head.weight.requires_grad:
+        hard, hard_correct = linear_cross_entropy(hidden, head.weight, flat_targets_hard)
+        return loss + hard, len(flat_targets), correct + hard_correct
     for start in range(0, hidden.shape[0], LOGIT_CHUNK):
         logits = head(hidden[start : start + LOGIT_CHUNK]).float()
-        part = flat_targets[start : start + LOGIT_CHUNK]
+        part = flat_targets_hard[start : start + LOGIT_CHUNK]
         loss = loss + F.cross_entropy(logits, part, reduction="sum")
         correct += int((logits.argmax(-1) == part).sum())
     return loss, len(flat_targets), correct

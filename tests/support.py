@@ -52,6 +52,24 @@ def build_tiny_qwen2(vocab_size: int, seed: int = 0):
     return Qwen2ForCausalLM(config).eval()
 
 
+def build_tiny_gemma2(vocab_size: int, seed: int = 0):
+    """A tiny random Gemma2: logit soft-capping, so losses go through the model's own logits."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Gemma2Config(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        final_logit_softcapping=30.0,
+    )
+    return Gemma2ForCausalLM(config).eval()
+
+
 def make_adapter_checkpoint(
     base_dir, checkpoint, system=TINY_SYSTEM, use_dora=False, seed=0, eval_json=None
 ):

@@ -160,6 +160,7 @@ def train_run(args: SftArgs) -> Path:
     )
     device = str(next(model.parameters()).device)
     if args.replay > 0:
+        from selftune.distill import attach_teacher
         from selftune.distributed import barrier, ranks
         from selftune.replay import replay_conversations
 
@@ -169,8 +170,15 @@ def train_run(args: SftArgs) -> Path:
         if ranks().main:
             barrier()
         replay_examples, _ = encode_all(tokenizer, replayed, args.max_length, args.system)
+        attach_teacher(model, replay_examples, args.replay_top_k)
         train_examples = train_examples + replay_examples
-        log.info("replay: %d general conversations answered by the base model", len(replayed))
+        log.info(
+            "replay: %d general conversations answered by the base model%s",
+            len(replayed),
+            f", trained toward its top-{args.replay_top_k} probabilities"
+            if args.replay_top_k
+            else "",
+        )
     resolve_defaults(args, count_parameters(model), len(train_examples))
     if args.gradient_checkpointing is None:
         args.gradient_checkpointing = device.startswith("cuda")

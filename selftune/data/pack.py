@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from selftune.data.encode import IGNORE_INDEX, Example
+from selftune.distill import teacher_rows
 from selftune.errors import SelftuneError
 
 
@@ -27,6 +28,7 @@ class PackedBatch:
     position_ids: torch.Tensor  # [1, T], 0.. per conversation
     cu_seqlens: torch.Tensor  # [n + 1] int32: 0, end of conversation 1, ..., T
     max_seqlen: int
+    teacher: tuple[torch.Tensor, torch.Tensor] | None = None  # [1, T, k] ids, probabilities
 
 
 def bin_pack(lengths: list[int], max_tokens: int) -> list[list[int]]:
@@ -61,12 +63,19 @@ def build_pack(examples: list[Example]) -> PackedBatch:
         labels += [IGNORE_INDEX, *example.labels[1:]]
         positions += range(n)
         bounds.append(bounds[-1] + n)
+    teacher = None
+    rows = teacher_rows(examples, max(len(e.input_ids) for e in examples))
+    if rows is not None:  # each conversation's positions in order, as for the labels
+        lengths = [len(e.input_ids) for e in examples]
+        ids, probs = (torch.cat([t[i, :n] for i, n in enumerate(lengths)])[None] for t in rows)
+        teacher = (ids, probs)
     return PackedBatch(
         input_ids=torch.tensor([input_ids], dtype=torch.long),
         labels=torch.tensor([labels], dtype=torch.long),
         position_ids=torch.tensor([positions], dtype=torch.long),
         cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
         max_seqlen=max(len(e.input_ids) for e in examples),
+        teacher=teacher,
     )
 
 
@@ -118,4 +127,8 @@ def pad_batch(examples: list[Example], pad_id: int = 0) -> dict[str, torch.Tenso
         input_ids[row, :n] = torch.tensor(example.input_ids)
         labels[row, :n] = torch.tensor(example.labels)
         attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    teacher = teacher_rows(examples, width)
+    if teacher is not None:
+        batch["teacher_ids"], batch["teacher_probs"] = teacher
+    return batch
