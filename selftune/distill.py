@@ -44,13 +44,17 @@ def attach_teacher(model: Any, examples: list[Example], top_k: int) -> None:
     model.train(was_training)
 
 
+def kl_sum(log_q: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """Summed KL(teacher || model) over positions: teacher top-k `ids`/`probs` against the
+    model's log-probabilities `log_q` ([positions, vocab])."""
+    return (probs * (probs.clamp_min(1e-12).log() - log_q.gather(1, ids))).sum()
+
+
 def _kl_chunk(
     head: Any, hidden: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     log_q = head(hidden).float().log_softmax(-1)
-    log_p = probs.clamp_min(1e-12).log()
-    loss = (probs * (log_p - log_q.gather(1, ids))).sum()
-    return loss, log_q.argmax(-1)
+    return kl_sum(log_q, ids, probs), log_q.argmax(-1)
 
 
 def soft_target_loss(

@@ -29,7 +29,7 @@ from selftune.checkpoint import (
     rotate_checkpoints,
     save_checkpoint,
 )
-from selftune.distill import soft_target_loss
+from selftune.distill import kl_sum, soft_target_loss
 from selftune.errors import SelftuneError
 from selftune.fast_path import enable_fast_path, set_checkpointing
 from selftune.kernels.linear_ce import linear_cross_entropy
@@ -193,31 +193,28 @@ def batch_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
             )
         log_q = logits.log_softmax(-1)
         hard_loss = F.nll_loss(log_q[~soft], flat_targets[~soft], reduction="sum")
-        probs = teacher_probs[soft]
-        kl = probs * (probs.clamp_min(1e-12).log() - log_q[soft].gather(1, teacher_ids[soft]))
-        return hard_loss + kl.sum(), len(flat_targets), correct
+        kl = kl_sum(log_q[soft], teacher_ids[soft], teacher_probs[soft])
+        return hard_loss + kl, len(flat_targets), correct
     hidden = lm.get_decoder()(**inputs, use_cache=False).last_hidden_state[:, :-1][mask]
+    count = len(flat_targets)
     loss = torch.zeros((), device=labels.device)
     correct = 0
-    if soft is not None and bool(soft.any()):
-        kl, soft_correct = soft_target_loss(
+    if soft is not None and bool(soft.any()):  # KL on replay positions, CE on the rest
+        loss, correct = soft_target_loss(
             head, hidden[soft], teacher_ids[soft], teacher_probs[soft], flat_targets[soft]
         )
-        loss, correct = loss + kl, correct + soft_correct
-        hidden, flat_targets_hard = hidden[~soft], flat_targets[~soft]
-    else:
-        flat_targets_hard = flat_targets
+        hidden, flat_targets = hidden[~soft], flat_targets[~soft]
     if hidden.shape[0] == 0:
-        return loss, len(flat_targets), correct
+        return loss, count, correct
     if not head.weight.requires_grad:
-        hard, hard_correct = linear_cross_entropy(hidden, head.weight, flat_targets_hard)
-        return loss + hard, len(flat_targets), correct + hard_correct
+        hard, hard_correct = linear_cross_entropy(hidden, head.weight, flat_targets)
+        return loss + hard, count, correct + hard_correct
     for start in range(0, hidden.shape[0], LOGIT_CHUNK):
         logits = head(hidden[start : start + LOGIT_CHUNK]).float()
-        part = flat_targets_hard[start : start + LOGIT_CHUNK]
+        part = flat_targets[start : start + LOGIT_CHUNK]
         loss = loss + F.cross_entropy(logits, part, reduction="sum")
         correct += int((logits.argmax(-1) == part).sum())
-    return loss, len(flat_targets), correct
+    return loss, count, correct
 
 
 def autocast_context(device: str, dtype: torch.dtype, wanted: bool = True):

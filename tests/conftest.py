@@ -57,7 +57,7 @@ def tiny_qwen2_dir(tmp_path_factory, smol_tokenizer):
 def identity_checkpoint(tmp_path_factory):
     """The embedded model tuned on the built-in identity by `selftune sft` with its defaults
     (replay of the base's own answers included: they ship with selftune for this model), cut to
-    30 steps of 16 rows to keep the suite short (the default run is 55). Set
+    30 steps of 16 rows to keep the suite short (the default run is 57). Set
     SELFTUNE_TEST_IDENTITY_CHECKPOINT to reuse a checkpoint made by this same command."""
     import os
     import subprocess

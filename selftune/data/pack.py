@@ -63,18 +63,19 @@ def build_pack(examples: list[Example]) -> PackedBatch:
         labels += [IGNORE_INDEX, *example.labels[1:]]
         positions += range(n)
         bounds.append(bounds[-1] + n)
+    width = max(len(e.input_ids) for e in examples)
+    rows = teacher_rows(examples, width)
     teacher = None
-    rows = teacher_rows(examples, max(len(e.input_ids) for e in examples))
-    if rows is not None:  # each conversation's positions in order, as for the labels
-        lengths = [len(e.input_ids) for e in examples]
-        ids, probs = (torch.cat([t[i, :n] for i, n in enumerate(lengths)])[None] for t in rows)
-        teacher = (ids, probs)
+    if rows is not None:  # the padded rows' real positions, row by row, as for the labels
+        lengths = torch.tensor([len(e.input_ids) for e in examples])
+        real = torch.arange(width)[None] < lengths[:, None]
+        teacher = (rows[0][real][None], rows[1][real][None])
     return PackedBatch(
         input_ids=torch.tensor([input_ids], dtype=torch.long),
         labels=torch.tensor([labels], dtype=torch.long),
         position_ids=torch.tensor([positions], dtype=torch.long),
         cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
-        max_seqlen=max(len(e.input_ids) for e in examples),
+        max_seqlen=width,
         teacher=teacher,
     )
 
