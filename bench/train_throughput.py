@@ -19,7 +19,6 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,19 +26,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from selftune.batches import packed  # noqa: E402
+from selftune.data.encode import Example  # noqa: E402
 from selftune.fast_path import enable_fast_path, set_checkpointing  # noqa: E402
 from selftune.train import to_device  # noqa: E402
 
 USE_LIGER = True
 USE_VARLEN = True
-
-
-@dataclass
-class Example:
-    """A tokenised row, shaped as selftune.data.encode.Example."""
-
-    input_ids: list[int]
-    labels: list[int]
 
 
 def build(config_path: str, device: str):

@@ -1,11 +1,13 @@
 """The one generation engine: chat, batch inference, eval and the server all decode here.
 
 A plain batched decode loop over the model's KV cache: left-padded prompts, greedy or sampled
-next tokens, stop on the model's end tokens or on stop strings, text streamed per step.
+next tokens, stop on the model's end tokens or on stop strings, text streamed per step. One row
+on CUDA decodes on a static cache with CUDA graphs instead (static_decode.py).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +21,7 @@ from selftune.errors import SelftuneError
 END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end|>", "<end_of_turn>", "</s>")
 
 Messages = list[dict[str, str]]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -181,6 +184,21 @@ def decode_steps(
     """Yield, per step, each row's new token id (None once the row has finished)."""
     from transformers import DynamicCache
 
+    from selftune import static_decode
+
+    generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+    if static_decode.wanted(model, len(prompts), forward_kwargs):
+        steps = static_decode.static_steps(model, prompts[0], params, end_ids, generator)
+        try:
+            first = next(steps)
+        except Exception as exc:  # noqa: BLE001  # any failure to set up: the plain loop decodes
+            log.warning("decode: static cache path failed (%s); using the plain loop", exc)
+            static_decode.disable(model)
+        else:
+            yield [first]
+            for token in steps:
+                yield [token]
+            return
     device = next(model.parameters()).device
     rows = len(prompts)
     width = max(len(p) for p in prompts)
@@ -190,7 +208,6 @@ def decode_steps(
         input_ids[i, width - len(prompt) :] = torch.tensor(prompt)
         attention[i, width - len(prompt) :] = 1
     input_ids, attention = input_ids.to(device), attention.to(device)
-    generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
     seen = input_ids.clone()
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     cache = DynamicCache()

@@ -13,8 +13,8 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import aclosing, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,21 @@ def load_adapters(
     return model, served
 
 
+@contextmanager
+def only_adapter(model: Any, adapter: str) -> Iterator[None]:
+    """Decode under one adapter (or none) as the active one, in place of per-row names."""
+    if adapter == BASE:
+        with model.disable_adapter():
+            yield
+        return
+    previous = model.active_adapter
+    model.set_adapter(adapter)
+    try:
+        yield
+    finally:
+        model.set_adapter(previous)
+
+
 def batch_key(params: SamplingParams) -> tuple:
     """Rows with the same key may decode together: generate() applies one sampling rule per
     batch. Seeded sampling decodes alone, so its answer does not depend on its neighbours."""
@@ -104,6 +119,8 @@ class Engine:
         self.rows_decoded = 0
         self.active_rows = 0  # rows of the running decode not yet finished
         self.closing = False  # ends the running decode at its next step
+        # held while a decode uses the model, adapter switches included: others wait on it
+        self.model_lock = threading.Lock()
 
     def start(self) -> Engine:
         self.thread.start()
@@ -149,31 +166,38 @@ class Engine:
             jobs[row].emit(completion)
 
         forward_kwargs = None
-        if self.uses_adapters:
+        scope: Any = nullcontext()
+        if self.uses_adapters and len(jobs) == 1:
+            scope = only_adapter(self.model, jobs[0].adapter)  # lets one row decode on graphs
+        elif self.uses_adapters:
             forward_kwargs = {"adapter_names": [job.adapter for job in jobs]}
         self.decodes += 1
         self.rows_decoded += len(jobs)
         self.active_rows = len(jobs)
         try:
-            generate(
-                self.model,
-                self.tokenizer,
-                [],
-                jobs[0].params,
-                on_text=lambda row, piece: jobs[row].emit(piece),
-                should_stop=lambda row: jobs[row].cancelled or self.closing,
-                forward_kwargs=forward_kwargs,
-                prompts=[job.prompt for job in jobs],
-                on_done=on_done,
-                limits=[job.params.max_new_tokens for job in jobs],
-                stops=[job.params.stop for job in jobs],
-            )
+            with self.model_lock, scope:
+                self.run(jobs, forward_kwargs, on_done)
         except Exception as exc:  # one bad batch must not stop the server
             log.exception("decode of %d rows failed", len(jobs))
             for row, job in enumerate(jobs):
                 if row not in done:
                     job.emit(exc)
         self.active_rows = 0
+
+    def run(self, jobs: list[Job], forward_kwargs: Any, on_done: Callable) -> None:
+        generate(
+            self.model,
+            self.tokenizer,
+            [],
+            jobs[0].params,
+            on_text=lambda row, piece: jobs[row].emit(piece),
+            should_stop=lambda row: jobs[row].cancelled or self.closing,
+            forward_kwargs=forward_kwargs,
+            prompts=[job.prompt for job in jobs],
+            on_done=on_done,
+            limits=[job.params.max_new_tokens for job in jobs],
+            stops=[job.params.stop for job in jobs],
+        )
 
     async def stream(self, job: Job) -> AsyncIterator[str | Completion]:
         """Queue the job and yield its text pieces, then its Completion. Leaving the loop early

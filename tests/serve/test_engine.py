@@ -37,13 +37,16 @@ def prompt_of(engine, messages=QUESTION) -> list[int]:
 
 
 def decode_alone(engine, adapter: str, prompt: list[int], params: SamplingParams) -> Completion:
-    """Plain PEFT decoding, no engine and no per-row adapter names: the reference."""
+    """Plain PEFT decoding, no engine and no per-row adapter names: the reference. It waits
+    for the engine's worker to let go of the model (a finished row's answer can arrive before
+    the worker has restored the adapters)."""
     model = engine.model
-    if adapter == BASE:
-        with model.disable_adapter():
-            return generate(model, engine.tokenizer, [], params, prompts=[prompt])[0]
-    model.set_adapter(adapter)
-    return generate(model, engine.tokenizer, [], params, prompts=[prompt])[0]
+    with engine.model_lock:
+        if adapter == BASE:
+            with model.disable_adapter():
+                return generate(model, engine.tokenizer, [], params, prompts=[prompt])[0]
+        model.set_adapter(adapter)
+        return generate(model, engine.tokenizer, [], params, prompts=[prompt])[0]
 
 
 async def complete_together(engine, jobs: list[Job]) -> list[Completion]:
@@ -167,3 +170,18 @@ def test_rows_share_a_batch_only_when_they_sample_alike():
     groups = group_jobs([*greedy, *warm, hot, *seeded])
     assert [len(g) for g in groups] == [2, 2, 1, 1, 1]
     assert groups[0] == greedy and groups[1] == warm
+
+
+def test_a_lone_row_decodes_under_its_own_adapter(engine):
+    """One request decodes with its adapter made the active one (no per-row names, so the GPU
+    can replay graphs), whichever adapter was active before."""
+    params = SamplingParams(max_new_tokens=8)
+    prompt = prompt_of(engine)
+    adapters = [BASE, engine.served["two"].adapter, engine.served["one"].adapter]
+    expected = [decode_alone(engine, adapter, prompt, params).text for adapter in adapters]
+    assert len(set(expected)) == 3
+    with engine.model_lock:
+        engine.model.set_adapter(engine.served["one"].adapter)
+    for adapter, answer in zip(adapters, expected):
+        (got,) = asyncio.run(complete_together(engine, [Job(prompt, params, adapter)]))
+        assert got.text == answer, adapter

@@ -1,0 +1,125 @@
+"""The static-cache decode path gives the plain loop's tokens (run eagerly here, on CPU)."""
+
+import pytest
+import torch
+
+from selftune import static_decode
+from selftune.generate import SamplingParams, decode_steps, generate
+from tests.support import build_tiny_gemma2, build_tiny_llama, build_tiny_qwen2
+
+VOCAB = 300
+PROMPTS = [[5, 17, 42, 99, 7], list(range(3, 40))]
+
+
+def plain_tokens(model, prompt, params, end_ids=frozenset()):
+    return [step[0] for step in decode_steps(model, [prompt], params, set(end_ids), pad_id=0)]
+
+
+def static_tokens(model, prompt, params, end_ids=frozenset()):
+    generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+    return list(static_decode.static_steps(model, prompt, params, set(end_ids), generator))
+
+
+@pytest.fixture(params=["llama", "qwen2"])
+def model(request):
+    build = {"llama": build_tiny_llama, "qwen2": build_tiny_qwen2}[request.param]
+    model = build(VOCAB, seed=3)
+    with torch.no_grad():  # larger weights: each token's answer depends on the whole context
+        for name, param in model.named_parameters():
+            if name.endswith("proj.weight"):
+                param.mul_(8)
+    return model
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_tokens_equal_the_plain_loop(model, prompt):
+    params = SamplingParams(max_new_tokens=24)
+    expected = plain_tokens(model, prompt, params)
+    assert len(expected) == 24
+    assert static_tokens(model, prompt, params) == expected
+
+
+def test_cache_grows_past_its_first_bucket(model, monkeypatch):
+    """An answer longer than its first bucket moves to the next one and decodes on unchanged."""
+    monkeypatch.setattr(static_decode, "FIRST_BUCKET", 16)
+    monkeypatch.setattr(static_decode, "LOOKAHEAD", 4)
+    params = SamplingParams(max_new_tokens=60)
+    expected = plain_tokens(model, PROMPTS[0], params)
+    assert static_tokens(model, PROMPTS[0], params) == expected
+    lengths = sorted(static_decode.decoder_for(model).buckets)
+    assert lengths[0] == 16 and lengths[-1] >= len(PROMPTS[0]) + 60
+
+
+def test_sampling_with_penalty_equals_the_plain_loop(model):
+    params = SamplingParams(
+        temperature=0.9, top_p=0.9, top_k=40, repetition_penalty=1.3, max_new_tokens=20, seed=5
+    )
+    assert static_tokens(model, PROMPTS[1], params) == plain_tokens(model, PROMPTS[1], params)
+
+
+def test_stops_at_an_end_token(model):
+    params = SamplingParams(max_new_tokens=24)
+    expected = plain_tokens(model, PROMPTS[0], params)
+    end = expected[5]
+    got = static_tokens(model, PROMPTS[0], params, {end})
+    assert got == expected[: expected.index(end) + 1]
+
+
+def test_second_answer_on_a_reused_cache_is_unchanged(model):
+    """Stale keys and values from an earlier, longer answer stay masked."""
+    params = SamplingParams(max_new_tokens=30)
+    static_tokens(model, PROMPTS[1], params)
+    assert static_tokens(model, PROMPTS[0], params) == plain_tokens(model, PROMPTS[0], params)
+
+
+def test_lora_adapter_on_and_off(model):
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear")).eval()
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    params = SamplingParams(max_new_tokens=20)
+    tuned = static_tokens(peft_model, PROMPTS[0], params)
+    assert tuned == plain_tokens(peft_model, PROMPTS[0], params)
+    with peft_model.disable_adapter():
+        base = static_tokens(peft_model, PROMPTS[0], params)
+        assert base == plain_tokens(peft_model, PROMPTS[0], params)
+    assert base != tuned
+    states = {key[1] for key in static_decode.decoder_for(peft_model).steps}
+    assert len(states) == 2  # one step per adapter state
+
+
+def test_generate_uses_it_for_one_row_and_falls_back(tiny_llama, smol_tokenizer, monkeypatch):
+    question = [[{"role": "user", "content": "Hello there"}]]
+    params = SamplingParams(max_new_tokens=10)
+    plain = generate(tiny_llama, smol_tokenizer, question, params)[0]
+    calls = []
+    real = static_decode.static_steps
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(static_decode, "wanted", lambda model, rows, kwargs: rows == 1)
+    monkeypatch.setattr(static_decode, "static_steps", counted)
+    assert generate(tiny_llama, smol_tokenizer, question, params)[0].text == plain.text
+    assert calls
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("capture failed")
+        yield  # a generator, as the real one
+
+    monkeypatch.setattr(static_decode, "static_steps", broken)
+    assert generate(tiny_llama, smol_tokenizer, question, params)[0].text == plain.text
+
+
+def test_unsupported_models_keep_the_plain_loop():
+    gemma = build_tiny_gemma2(VOCAB)  # sliding-window layers
+    assert static_decode.unsupported_reason(gemma) == "sliding-window layers"
+    llama = build_tiny_llama(VOCAB)
+    assert static_decode.unsupported_reason(llama) is None
+    llama.config._attn_implementation = "flash_attention_2"
+    assert "4-D mask" in static_decode.unsupported_reason(llama)
+    assert not static_decode.wanted(build_tiny_llama(VOCAB), 1, None)  # CPU
