@@ -5,7 +5,7 @@ demo: setup
 	.venv/bin/selftune demo
 
 test: setup-dev
-	.venv/bin/python -m pytest -q
+	.venv/bin/python -m pytest -q --durations=15
 
 setup:
 	bash scripts/setup.sh

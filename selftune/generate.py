@@ -194,6 +194,8 @@ def decode_steps(
         except Exception as exc:  # noqa: BLE001  # any failure to set up: the plain loop decodes
             log.warning("decode: static cache path failed (%s); using the plain loop", exc)
             static_decode.disable(model)
+            if params.seed is not None:  # the same draws as if the plain loop had run alone
+                generator = torch.Generator().manual_seed(params.seed)
         else:
             yield [first]
             for token in steps:

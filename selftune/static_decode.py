@@ -55,17 +55,24 @@ def unsupported_reason(model: Any) -> str | None:
     attention = getattr(config, "_attn_implementation", None) or "eager"
     if attention not in MASKABLE_ATTENTION:
         return f"attention kernel {attention!r} takes no 4-D mask"
-    types = getattr(config.get_text_config(decoder=True), "layer_types", None) or []
-    if any(kind != "full_attention" for kind in types):
-        return "sliding-window layers"
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         return "quantised weights"
     if getattr(config, "quantization_config", None) is not None:
         return "quantised weights"
+    for module in model.modules():
+        kinds = getattr(module, "rope_type", None)
+        kinds = kinds.values() if isinstance(kinds, dict) else [kinds]
+        if any(k and ("dynamic" in k or "longrope" in k) for k in kinds):
+            # these read the largest position on the CPU each step: no graph can hold that
+            return "RoPE scaling that depends on the sequence length"
     try:
-        from transformers import StaticCache  # noqa: F401
+        from transformers import StaticCache
     except ImportError:
         return "this transformers has no StaticCache"
+    try:  # allocates nothing: layers size themselves at their first update
+        cache_layers(StaticCache(config=config, max_cache_len=16))
+    except Exception:  # noqa: BLE001  # sliding-window layers, or a cache of another make
+        return "sliding-window layers or a cache this path cannot drive"
     return None
 
 
@@ -172,15 +179,28 @@ class StaticDecoder:
         bucket.position.add_(1)
         return logits, logits.argmax(-1)
 
-    def step(self, bucket: Bucket) -> Step:
-        """The bucket's step under the model's current adapter state, captured on first use."""
-        key = (bucket.length, adapter_state(self.model))
+    def step(self, bucket: Bucket, state: tuple) -> Step:
+        """The bucket's step under adapter `state`, captured on first use."""
+        key = (bucket.length, state)
         if key in self.steps:
             return self.steps[key]
         if not self.use_graphs:
             self.steps[key] = Step(None)
             return self.steps[key]
         at = int(bucket.position.item())
+        try:
+            with torch.cuda.device(self.device):  # capture records on the current device's stream
+                self.steps[key] = self.capture(bucket)
+            log.info("decode: captured a CUDA graph for a %d-token cache", bucket.length)
+        except Exception as exc:  # noqa: BLE001  # this bucket decodes eagerly instead
+            log.warning("decode: no CUDA graph for a %d-token cache (%s)", bucket.length, exc)
+            self.steps[key] = Step(None)
+        # the warm-up wrote at `at` and `at + 1`; the real steps overwrite both before they show
+        bucket.position.fill_(at)
+        set_cache_length(bucket.cache, at)
+        return self.steps[key]
+
+    def capture(self, bucket: Bucket) -> Step:
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
@@ -190,15 +210,10 @@ class StaticDecoder:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             logits, next_id = self.run_step(bucket)
-        # the warm-up wrote at `at` and `at + 1`; the real steps overwrite both before they show
-        bucket.position.fill_(at)
-        set_cache_length(bucket.cache, at)
-        self.steps[key] = Step(graph, logits, next_id)
-        log.info("decode: captured a CUDA graph for a %d-token cache", bucket.length)
-        return self.steps[key]
+        return Step(graph, logits, next_id)
 
-    def replay(self, bucket: Bucket) -> tuple[torch.Tensor, torch.Tensor]:
-        step = self.step(bucket)
+    def replay(self, bucket: Bucket, state: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        step = self.step(bucket, state)
         if step.graph is None:
             return self.run_step(bucket)
         step.graph.replay()
@@ -263,7 +278,10 @@ def static_steps(
     yielded, so a failure there surfaces before the first token and the caller can fall back."""
     from selftune.generate import pick_next
 
+    if params.max_new_tokens <= 0:
+        return
     decoder = decoder_for(model)
+    state = adapter_state(model)  # adapters do not change within one answer
     bucket = decoder.bucket(bucket_length(len(prompt) + min(params.max_new_tokens, LOOKAHEAD) + 2))
     logits = decoder.prefill(bucket, prompt)
     greedy = params.temperature <= 0 and params.repetition_penalty == 1.0
@@ -280,11 +298,11 @@ def static_steps(
                 left = params.max_new_tokens - produced
                 bucket = decoder.grow(bucket, at + min(left, 1024) + 2)
             bucket.token.copy_(token.view(1, 1))
-            decoder.step(bucket)
+            decoder.step(bucket, state)
         yield token_id
         if done:
             return
-        logits, next_id = decoder.replay(bucket)
+        logits, next_id = decoder.replay(bucket, state)
         if greedy:
             token = next_id
         else:

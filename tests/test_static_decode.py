@@ -106,6 +106,8 @@ def test_generate_uses_it_for_one_row_and_falls_back(tiny_llama, smol_tokenizer,
     monkeypatch.setattr(static_decode, "static_steps", counted)
     assert generate(tiny_llama, smol_tokenizer, question, params)[0].text == plain.text
     assert calls
+    decoder = tiny_llama._selftune_static_decoder
+    assert isinstance(decoder, static_decode.StaticDecoder) and decoder.buckets  # it decoded
 
     def broken(*args, **kwargs):
         raise RuntimeError("capture failed")
@@ -113,11 +115,27 @@ def test_generate_uses_it_for_one_row_and_falls_back(tiny_llama, smol_tokenizer,
 
     monkeypatch.setattr(static_decode, "static_steps", broken)
     assert generate(tiny_llama, smol_tokenizer, question, params)[0].text == plain.text
+    assert tiny_llama._selftune_static_decoder is False  # plain loop from now on
+
+
+def test_no_tokens_asked_none_given(model):
+    assert static_tokens(model, PROMPTS[0], SamplingParams(max_new_tokens=0)) == []
 
 
 def test_unsupported_models_keep_the_plain_loop():
-    gemma = build_tiny_gemma2(VOCAB)  # sliding-window layers
-    assert static_decode.unsupported_reason(gemma) == "sliding-window layers"
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    gemma = build_tiny_gemma2(VOCAB)  # sliding-window layers named in layer_types
+    assert "sliding-window" in static_decode.unsupported_reason(gemma)
+    shape = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    mistral = MistralForCausalLM(MistralConfig(sliding_window=64, **shape))  # no layer_types
+    assert "sliding-window" in static_decode.unsupported_reason(mistral)
+    full = MistralForCausalLM(MistralConfig(sliding_window=None, **shape))
+    assert static_decode.unsupported_reason(full) is None
+    rope = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    dynamic = LlamaForCausalLM(LlamaConfig(rope_parameters=rope, **shape))
+    assert "RoPE" in static_decode.unsupported_reason(dynamic)
     llama = build_tiny_llama(VOCAB)
     assert static_decode.unsupported_reason(llama) is None
     llama.config._attn_implementation = "flash_attention_2"
