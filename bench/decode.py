@@ -168,6 +168,8 @@ def main() -> None:
         import selftune.fast_path
 
         selftune.fast_path.apply_liger = lambda model: False
+    if args.device.startswith("cuda:"):
+        torch.cuda.set_device(torch.device(args.device))  # as selftune.models.load_model does
     model = build(args.model, args.device)
     prompt = torch.randint(
         10,

@@ -198,9 +198,13 @@ def resolve_model(spec: str) -> Path:
 
 
 def pick_device(device: str | None = None) -> str:
+    """The device asked for (cuda:N becomes the current GPU: Triton kernels, Liger's among them,
+    and CUDA graph capture launch there), else CUDA where available, else the CPU."""
     import torch
 
     if device:
+        if device.startswith("cuda:") and torch.cuda.is_available():
+            torch.cuda.set_device(torch.device(device))
         return device
     return "cuda" if torch.cuda.is_available() else "cpu"
 

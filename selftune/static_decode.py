@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,15 +148,21 @@ class StaticDecoder:
             ~visible, blocked
         )
 
+    def on_device(self) -> Any:
+        """The model's GPU as the current one: Triton kernels (Liger's) and graph capture launch
+        on the current device, which for a model on cuda:1 is not its own."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext()
+
     def forward(self, bucket: Bucket, ids, positions, mask) -> torch.Tensor:
-        out = self.model(
-            input_ids=ids,
-            position_ids=positions,
-            attention_mask=mask,
-            use_cache=True,
-            logits_to_keep=1,
-            **{self.cache_keyword: bucket.cache},
-        )
+        with self.on_device():
+            out = self.model(
+                input_ids=ids,
+                position_ids=positions,
+                attention_mask=mask,
+                use_cache=True,
+                logits_to_keep=1,
+                **{self.cache_keyword: bucket.cache},
+            )
         return out.logits[:, -1, :]
 
     def prefill(self, bucket: Bucket, prompt: list[int]) -> torch.Tensor:
@@ -189,7 +196,7 @@ class StaticDecoder:
             return self.steps[key]
         at = int(bucket.position.item())
         try:
-            with torch.cuda.device(self.device):  # capture records on the current device's stream
+            with self.on_device():  # capture records on the current device's stream
                 self.steps[key] = self.capture(bucket)
             log.info("decode: captured a CUDA graph for a %d-token cache", bucket.length)
         except Exception as exc:  # noqa: BLE001  # this bucket decodes eagerly instead
@@ -216,7 +223,8 @@ class StaticDecoder:
         step = self.step(bucket, state)
         if step.graph is None:
             return self.run_step(bucket)
-        step.graph.replay()
+        with self.on_device():
+            step.graph.replay()
         return step.logits, step.next_id
 
     def grow(self, bucket: Bucket, needed: int) -> Bucket:
