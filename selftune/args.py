@@ -180,6 +180,12 @@ class TrainArgs:
         "(default: 128 when the built-in identity is trained, else 0)",
         default=None,
     )
+    adapter_scale: float | None = _help(
+        "saved adapters apply this share of the trained LoRA update (base + s x update, as "
+        "WiSE-FT interpolates weights): less forgetting for a little identity strength; resuming "
+        "trains the full update (default: 0.7 when the built-in identity is trained, else 1)",
+        default=None,
+    )
     replay_top_k: int = _help(
         "replay trains toward the base's top-k next-token probabilities, a tighter hold on its "
         "general skills than its greedy answers alone (0: greedy answers alone)",

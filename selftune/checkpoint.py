@@ -178,6 +178,8 @@ def save_checkpoint(
             model.save_pretrained(tmp, safe_serialization=True)
         else:
             model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
+        if not full_model:
+            scale_saved_adapter(tmp, float(args_dict.get("adapter_scale") or 1.0))
         write_checkpoint_files(
             tmp, tokenizer, opt_tensors, opt_plain, scheduler, state, args_dict, full_model
         )
@@ -194,6 +196,19 @@ def save_checkpoint(
         tmp.rename(final)
     barrier()
     return final
+
+
+def scale_saved_adapter(folder: Path, scale: float) -> None:
+    """Have the saved adapter apply `scale` x its trained update: PEFT scales LoRA by
+    alpha / r, so alpha carries it, and every loader (eval, infer, serve, export, PEFT itself)
+    sees it. Resuming reads the weights alone and trains on at the run's own alpha."""
+    if scale == 1.0:
+        return
+    path = folder / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["lora_alpha"] = config["lora_alpha"] * scale
+    config["alpha_pattern"] = {k: v * scale for k, v in (config.get("alpha_pattern") or {}).items()}
+    path.write_text(json.dumps(config, indent=2))
 
 
 def write_checkpoint_files(

@@ -166,6 +166,7 @@ TRAINING_KEYS = (
     "train_type",
     "lora_rank",
     "lora_alpha",
+    "adapter_scale",
     "target_modules",
     "num_train_epochs",
     "max_steps",

@@ -24,8 +24,11 @@ def test_held_out_identity_questions_name_the_identity(identity_checkpoint):
     for condition, rates in report.identity.items():
         for lang in ("zh", "en"):
             assert rates[lang] >= 0.9, (condition, lang, report.identity_counts[condition])
-    # retention is measured and reported (README): 84-87% with replay, under its 90% goal
+    # retention is measured and reported (README)
     assert report.base_correct > 0 and report.retention is not None
+    # the built-in identity saves 0.7 of the trained update by default (--adapter_scale)
+    config = json.loads((identity_checkpoint / "adapter_config.json").read_text())
+    assert config["lora_alpha"] == pytest.approx(32 * 0.7)
     assert report.kl is not None and report.kl >= 0
 
 

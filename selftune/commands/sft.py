@@ -18,6 +18,8 @@ TRAIN_TYPES = ("lora", "dora", "full", "qlora")
 # General rows the base answers itself, mixed into identity training: keeps its general answers
 # (README, "Defaults"); the base's answers are cached per model, so only the first run pays.
 DEFAULT_REPLAY = 128
+# built-in identity, embedded model: retention 85% -> 91% at 0.7, identity 98-100% (README)
+IDENTITY_ADAPTER_SCALE = 0.7
 
 
 def check_args(args: SftArgs) -> None:
@@ -43,6 +45,11 @@ def check_args(args: SftArgs) -> None:
     ):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1")
+    if args.adapter_scale is not None and args.adapter_scale != 1.0:
+        if args.train_type not in ("lora", "qlora"):
+            raise UsageError(f"--adapter_scale applies to LoRA, not --train_type {args.train_type}")
+        if not 0 < args.adapter_scale <= 1:
+            raise UsageError("--adapter_scale must be in (0, 1]")
     if not 0 <= args.split_dataset_ratio < 1:
         raise UsageError("--split_dataset_ratio must be in [0, 1)")
     if args.resume_from_checkpoint and not Path(args.resume_from_checkpoint).is_dir():
@@ -109,6 +116,9 @@ def train_run(args: SftArgs) -> Path:
     identity = None
     if args.replay is None:
         args.replay = DEFAULT_REPLAY if uses_identity(args.dataset) else 0
+    if args.adapter_scale is None:
+        identity_lora = uses_identity(args.dataset) and args.train_type in ("lora", "qlora")
+        args.adapter_scale = IDENTITY_ADAPTER_SCALE if identity_lora else 1.0
     if uses_identity(args.dataset + args.val_dataset):
         identity = parse_identity_values(args.model_name, args.model_author)
     # every row is read and checked before anything of the model is touched

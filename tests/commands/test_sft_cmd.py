@@ -195,3 +195,43 @@ def test_qlora_on_cpu_says_it_needs_a_gpu(tmp_path, flags):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "CUDA GPU" in lines[0]  # before the model is looked for
     assert not (tmp_path / "out").exists()
+
+
+def test_adapter_scale_saves_a_share_of_the_trained_update(tiny_model_dir, tmp_path):
+    """Training is the same; the saved adapter applies `scale` x the update, through alpha."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    checkpoints = {}
+    for scale in ("1", "0.5"):
+        done = selftune(
+            "sft", "--model", tiny_model_dir, "--dataset", FIXTURES / "self_cognition.json",
+            "--model_name", "星河", "--model_author", "北辰", "--max_steps", "2",
+            "--torch_dtype", "float32", "--adapter_scale", scale, "--output_dir", tmp_path / scale,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        checkpoints[scale] = only_run_dir(tmp_path / scale) / "checkpoint-2"
+    weights = {s: load_file(str(c / "adapter_model.safetensors")) for s, c in checkpoints.items()}
+    for name, tensor in weights["1"].items():
+        torch.testing.assert_close(weights["0.5"][name], tensor)
+    configs = {
+        s: json.loads((c / "adapter_config.json").read_text()) for s, c in checkpoints.items()
+    }
+    assert configs["0.5"]["lora_alpha"] == configs["1"]["lora_alpha"] / 2
+    assert json.loads((checkpoints["0.5"] / "args.json").read_text())["adapter_scale"] == 0.5
+    scalings = []
+    for scale in ("1", "0.5"):
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        tuned = PeftModel.from_pretrained(base, checkpoints[scale])
+        layer = tuned.base_model.model.model.layers[0].self_attn.q_proj
+        scalings.append(layer.scaling["default"])
+    assert scalings[1] == pytest.approx(scalings[0] / 2)
+
+
+def test_adapter_scale_is_for_lora(tmp_path):
+    done = selftune(
+        "sft", "--model", "smollm2-135m", "--dataset", "identity", "--train_type", "full",
+        "--adapter_scale", "0.5", "--output_dir", tmp_path,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "--adapter_scale applies to LoRA" in done.stderr
