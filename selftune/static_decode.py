@@ -168,14 +168,12 @@ class StaticDecoder:
     def prefill(self, bucket: Bucket, prompt: list[int]) -> torch.Tensor:
         """Run the prompt into an emptied cache; return the last position's logits."""
         n = len(prompt)
-        for layer in getattr(bucket.cache, "layers", []):
-            if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor):
-                layer.cumulative_length.fill_(0)
+        set_cache_length(bucket.cache, 0)
         ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
         positions = torch.arange(n, device=self.device)[None]
         visible = bucket.arange.view(1, -1) <= positions.view(-1, 1)
         logits = self.forward(bucket, ids, positions, self.mask(visible)[None, None])
-        set_cache_length(bucket.cache, n)  # also checks the cache is one this path can drive
+        set_cache_length(bucket.cache, n)
         bucket.position.fill_(n)
         return logits
 
@@ -266,8 +264,9 @@ def wanted(model: Any, rows: int, forward_kwargs: dict[str, Any] | None) -> bool
     """generate() takes the static path for one row on CUDA when the model allows it."""
     if rows != 1 or forward_kwargs or not next(model.parameters()).is_cuda:
         return False
-    if getattr(model, "_selftune_static_decoder", None) is False:
-        return False
+    decoder = getattr(model, "_selftune_static_decoder", None)
+    if decoder is not None:  # checked at its first answer: False, or a decoder
+        return decoder is not False
     reason = unsupported_reason(model)
     if reason is not None:
         log.info("decode: plain loop (%s)", reason)
