@@ -5,8 +5,10 @@
 
 Random weights of the given architecture, bf16, LoRA r=8 alpha=32 all-linear. Prints one JSON
 object per measurement and a final JSON summary with the ratios. Cases:
-  seq2048   2048-token sequences, gradient checkpointing on (both)
-  best      best setting within 40 GiB (stock: no checkpointing; selftune: packed 2x2048)
+  seq2048   2048-token sequences, gradient checkpointing on (stock: batch 1; selftune: each
+            --ours variant ROWS:LAYERS, ROWS 2048-token rows per packed micro-batch and LAYERS
+            decoder layers checkpointed, "all" or a number)
+  best      best setting within 40 GiB (stock: no checkpointing; selftune: each --best variant)
   tutorial  the tutorial's run: 8 identity rows x 10 epochs, 16 rows per optimizer step
   mixed     the tutorial's mixed recipe: 1,008 rows of 170 +- 54 tokens, 3 epochs, 16 rows/step
 """
@@ -14,6 +16,7 @@ object per measurement and a final JSON summary with the ratios. Cases:
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import random
@@ -25,13 +28,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from selftune.batches import packed  # noqa: E402
+from selftune.batches import StepRows, assemble, packed, step_pack_tokens  # noqa: E402
 from selftune.data.encode import Example  # noqa: E402
-from selftune.fast_path import enable_fast_path, set_checkpointing  # noqa: E402
+from selftune.fast_path import (  # noqa: E402
+    choose_checkpointing,
+    enable_fast_path,
+    set_checkpointing,
+)
 from selftune.train import to_device  # noqa: E402
 
 USE_LIGER = True
 USE_VARLEN = True
+USE_GROUPED_LORA = True
+PROFILE = False
 
 
 def build(config_path: str, device: str):
@@ -199,13 +208,26 @@ def emit(record: dict) -> dict:
     return record
 
 
-def fresh(config: str, device: str, impl: str, checkpoint_layers, packing: bool):
+def fresh(config: str, device: str, impl: str, checkpoint_layers, packing: bool, tokens: int = 0):
+    """A new model; for selftune, checkpoint_layers "auto" chooses as `selftune sft` does for
+    micro-batches of up to `tokens` tokens."""
+    gc.collect()  # the grouped-LoRA closures make the last model a cycle: free it first
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     model = build(config, device)
     if impl == "selftune":
         base = model.get_base_model()
-        enabled = enable_fast_path(base, device, packing, liger=USE_LIGER, varlen=USE_VARLEN)
+        enabled = enable_fast_path(
+            base,
+            device,
+            packing,
+            liger=USE_LIGER,
+            varlen=USE_VARLEN,
+            grouped_lora=USE_GROUPED_LORA,
+        )
+        if checkpoint_layers == "auto":
+            checkpoint_layers, said = choose_checkpointing(base, None, device, tokens)
+            enabled.append(said)
         set_checkpointing(base, checkpoint_layers)
         return model, enabled
     if checkpoint_layers != 0:
@@ -214,8 +236,29 @@ def fresh(config: str, device: str, impl: str, checkpoint_layers, packing: bool)
     return model, []
 
 
-def case_seq(config, device, vocab, seq, steps, results, name, stock_ckpt, ours_ckpt, ours_rows):
-    examples = rows(steps * ours_rows + 2 * ours_rows, seq, 0, seq, seq, vocab, 1)
+def parse_variant(text: str) -> tuple[int, int | None]:
+    """ROWS:LAYERS -> (rows per pack, checkpointed layers: None = all, 0 = none)."""
+    rows_text, _, layers_text = text.partition(":")
+    layers = None if layers_text in ("", "all") else int(layers_text)
+    return int(rows_text), layers
+
+
+def profile_step(model, batches) -> None:
+    """Print the 25 kernels that take the most GPU time in one selftune step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    selftune_step(model, batches, optimizer)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        selftune_step(model, batches, optimizer)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
+
+
+def case_seq(config, device, vocab, seq, steps, results, name, stock_ckpt, variants):
+    most_rows = max(rows_per_pack for rows_per_pack, _ in variants)
+    examples = rows(steps * most_rows + 2 * most_rows, seq, 0, seq, seq, vocab, 1)
     for ex in examples:
         ex.labels = list(ex.input_ids)
     model, _ = fresh(config, device, "stock", stock_ckpt, False)
@@ -229,22 +272,26 @@ def case_seq(config, device, vocab, seq, steps, results, name, stock_ckpt, ours_
         }
     )
     del model
-    model, enabled = fresh(config, device, "selftune", ours_ckpt, True)
-    packs = [
-        to_device(b, device) for b in packed(examples[: (steps + 2) * ours_rows], seq * ours_rows)
-    ]
-    ours_batches = [[p] for p in packs]
-    results[name + "/selftune"] = emit(
-        {
+    for rows_per_pack, layers in variants:
+        model, enabled = fresh(config, device, "selftune", layers, True)
+        used = examples[: (steps + 2) * rows_per_pack]
+        packs = [to_device(b, device) for b in packed(used, seq * rows_per_pack)]
+        key = f"{name}/selftune/{rows_per_pack}:{'all' if layers is None else layers}"
+        record = {
             "case": name,
             "impl": "selftune",
             "fast_path": enabled,
-            "checkpoint_layers": ours_ckpt,
-            "rows_per_pack": ours_rows,
-            **timed(selftune_step, model, ours_batches, 2),
+            "checkpoint_layers": "all" if layers is None else layers,
+            "rows_per_pack": rows_per_pack,
         }
-    )
-    del model
+        try:
+            record.update(timed(selftune_step, model, [[p] for p in packs], 2))
+            if PROFILE and device == "cuda":
+                profile_step(model, [packs[0]])
+        except torch.OutOfMemoryError:
+            record["error"] = "out of memory"
+        results[key] = emit(record)
+        del model, packs
 
 
 def case_recipe(config, device, vocab, results, name, examples, epochs, rows_per_step, stock_steps):
@@ -262,11 +309,13 @@ def case_recipe(config, device, vocab, results, name, examples, epochs, rows_per
         {"case": name, "impl": "stock", "total_steps": total_steps, **record}
     )
     del model
-    model, enabled = fresh(config, device, "selftune", 0, True)
-    ours = []
+    ours = []  # as `selftune sft` on a GPU: each step's rows packed as batches.StepRows
+    budget = step_pack_tokens(2048, 1, checkpointing=True)
     for i in range(0, len(examples), rows_per_step):
-        group = packed(examples[i : i + rows_per_step], 1 << 20)
+        group = assemble([StepRows([e], budget) for e in examples[i : i + rows_per_step]])
         ours.append([to_device(b, device) for b in group])
+    largest = max(int(b["input_ids"].numel()) for group in ours for b in group)
+    model, enabled = fresh(config, device, "selftune", "auto", True, largest)
     plan = [ours[0]] + ours * epochs  # one warm-up step, then the whole run
     record = timed(selftune_step, model, plan, 1)
     record["total_s"] = record["seconds"]
@@ -295,35 +344,29 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--ours_checkpoint_layers", type=int, default=None)
-    parser.add_argument("--best_rows", type=int, default=1, help="2048-token rows per pack (best)")
+    parser.add_argument("--ours", nargs="+", default=["1:all", "2:all"], help="seq2048 variants")
+    parser.add_argument("--best", nargs="+", default=["1:0", "2:10"], help="best-case variants")
     parser.add_argument("--no_liger", action="store_true")
+    parser.add_argument("--no_grouped_lora", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="kernel table of a selftune step")
     parser.add_argument("--no_varlen", action="store_true")
     parser.add_argument("--qlora", action="store_true", help="add the 4-bit QLoRA case")
     args = parser.parse_args()
-    global USE_LIGER, USE_VARLEN
+    global USE_LIGER, USE_VARLEN, USE_GROUPED_LORA, PROFILE
     USE_LIGER, USE_VARLEN = not args.no_liger, not args.no_varlen
+    USE_GROUPED_LORA, PROFILE = not args.no_grouped_lora, args.profile
     device = "cuda" if torch.cuda.is_available() else "cpu"
     vocab = json.loads(Path(args.config).read_text())["vocab_size"]
     cases = args.case or ["seq2048", "best", "tutorial", "mixed"]
     results: dict[str, dict] = {}
     if "seq2048" in cases:
+        variants = [parse_variant(v) for v in args.ours]
         case_seq(
-            args.config,
-            device,
-            vocab,
-            args.seq,
-            args.steps,
-            results,
-            "seq2048",
-            None,
-            args.ours_checkpoint_layers,
-            1,
+            args.config, device, vocab, args.seq, args.steps, results, "seq2048", None, variants
         )
     if "best" in cases:
-        case_seq(
-            args.config, device, vocab, args.seq, args.steps, results, "best", 0, 0, args.best_rows
-        )
+        variants = [parse_variant(v) for v in args.best]
+        case_seq(args.config, device, vocab, args.seq, args.steps, results, "best", 0, variants)
     if "tutorial" in cases:
         identity = rows(8, 40, 8, 24, 60, vocab, 2)
         case_recipe(args.config, device, vocab, results, "tutorial", identity, 10, 16, 10)
@@ -336,13 +379,12 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "torch": torch.__version__,
     }
-    for case in ("seq2048", "best", "qlora"):
-        if f"{case}/stock" in results:
-            summary[f"{case}_ratio"] = round(
-                results[f"{case}/selftune"]["tokens_per_s"]
-                / results[f"{case}/stock"]["tokens_per_s"],
-                2,
-            )
+    for key, record in results.items():
+        case, _, impl = key.partition("/")
+        stock = results.get(f"{case}/stock")
+        if impl.startswith("selftune") and stock and "tokens_per_s" in record:
+            summary[f"{key} ratio"] = round(record["tokens_per_s"] / stock["tokens_per_s"], 2)
+            summary[f"{key} peak_gib"] = record["peak_gib"]
     for case in ("tutorial", "mixed"):
         if f"{case}/stock" in results:
             summary[f"{case}_stock_total_s"] = results[f"{case}/stock"]["estimated_total_s"]

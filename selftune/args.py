@@ -167,7 +167,8 @@ class TrainArgs:
     lr_scheduler_type: str = _help("cosine, linear or constant", default="cosine")
     max_grad_norm: float = _help("gradient clipping", default=1.0)
     gradient_checkpointing: bool | None = _help(
-        "recompute activations in backward to save memory (default: on for CUDA, off on CPU)",
+        "recompute activations in backward to save memory (default: off on CPU; on CUDA on as "
+        "many layers as the free memory needs)",
         default=None,
     )
     resume_from_checkpoint: str | None = _help("checkpoint folder to continue from", default=None)

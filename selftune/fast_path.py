@@ -3,14 +3,17 @@
 - packed rows attend within their own conversation only (kernels.attention, varlen flash);
 - logits only at label positions, chunked, never all held (kernels.linear_ce, in train.py);
 - Liger's fused RMSNorm / RoPE / SwiGLU kernels where `liger-kernel` is installed;
-- gradient checkpointing on only as many decoder layers as asked (`checkpoint_layers`), since
-  recomputing a layer costs a third of its step and most models fit with a part checkpointed.
+- LoRA projections that share an input (q/k/v, gate/up) run as one group in bf16
+  (kernels.lora): one dropout, one GEMM for their A matrices, float32 master adapters;
+- gradient checkpointing on only as many decoder layers as the GPU's free memory needs
+  (`auto_checkpoint_layers`), since recomputing a layer costs a third of its step.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -60,17 +63,67 @@ def set_checkpointing(model: Any, layers: int | None) -> None:
                 layer.gradient_checkpointing = index < layers
 
 
+GIB = 2**30
+MARGIN = 2 * GIB  # kept free for the allocator, the optimizer and the output-layer chunks
+
+
+def activation_bytes(config: Any) -> tuple[int, int]:
+    """Bytes one token keeps per decoder layer for backward: (without, with checkpointing).
+    About 20 x hidden + 8 x intermediate bytes in bf16 with LoRA on every linear layer, fitted
+    to the 7B measurement (one 2048-token row peaked at 26.1 GiB unchecked, 14.2 GiB of it
+    weights; bench/README.md); a checkpointed layer keeps its input alone."""
+    hidden = int(config.hidden_size)
+    intermediate = int(getattr(config, "intermediate_size", 4 * hidden) or 4 * hidden)
+    return 20 * hidden + 8 * intermediate, 2 * hidden
+
+
+def auto_checkpoint_layers(model: Any, max_tokens: int, free_bytes: int) -> int | None:
+    """The fewest decoder layers to checkpoint so that a micro-batch of `max_tokens` fits in
+    `free_bytes`: 0 for none, None for all."""
+    layers = len(decoder_layers(model))
+    plain, checked = activation_bytes(model.config)
+    room = free_bytes - MARGIN
+    if layers == 0 or plain * layers * max_tokens <= room:
+        return 0
+    saved_per_layer = (plain - checked) * max_tokens
+    needed = math.ceil((plain * layers * max_tokens - room) / saved_per_layer)
+    return None if needed >= layers else needed
+
+
+def choose_checkpointing(
+    model: Any, wanted: bool | None, device: str, max_tokens: int
+) -> tuple[int | None, str]:
+    """Resolve --gradient_checkpointing: true = every layer, false = none, unset = off on CPU
+    and on CUDA as many layers as the free memory needs. Returns (layers, a line for the log)."""
+    if wanted is not None or not device.startswith("cuda"):
+        layers = None if wanted else 0
+        return layers, "gradient checkpointing " + ("on" if wanted else "off")
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    layers = auto_checkpoint_layers(model, max_tokens, free)
+    total = len(decoder_layers(model))
+    shown = total if layers is None else layers
+    return layers, (
+        f"gradient checkpointing on {shown} of {total} layers for micro-batches of up to "
+        f"{max_tokens} tokens ({free / GIB:.1f} GiB free)"
+    )
+
+
 def enable_fast_path(
     model: Any,
     device: str,
     packing: bool,
     liger: bool = True,
     varlen: bool = True,
+    grouped_lora: bool = True,
 ) -> list[str]:
     """Turn on what runs here; return the names of what was enabled (for the log)."""
     enabled: list[str] = []
     if not device.startswith("cuda"):
         return enabled
+    if grouped_lora:
+        enabled += use_grouped_lora(model)
     if liger and apply_liger(model):
         enabled.append("liger rmsnorm/rope/swiglu")
     elif liger:
@@ -87,3 +140,24 @@ def enable_fast_path(
             log.info("fast path: no varlen attention kernel here; packed rows use a masked SDPA")
     enabled.append("label-only chunked cross-entropy")
     return enabled
+
+
+def use_grouped_lora(model: Any) -> list[str]:
+    """Route plain LoRA layers through kernels.lora, except under several processes (FSDP2
+    swaps parameters under the modules; PEFT's own forward is the one checked there)."""
+    import torch.distributed as dist
+
+    from selftune.kernels.lora import fuse_lora
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        log.info("fast path: grouped LoRA is off under several processes")
+        return []
+    routed = fuse_lora(model)
+    return [f"grouped bf16 LoRA ({routed} layers)"] if routed else []
+
+
+def disable_fast_path(model: Any) -> None:
+    """Give the model back its library forwards where they were replaced for training."""
+    from selftune.kernels.lora import unfuse_lora
+
+    unfuse_lora(model)

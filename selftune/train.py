@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from selftune.batches import assemble, largest_micro_batch
 from selftune.checkpoint import (
     TrainingState,
     list_checkpoints,
@@ -31,7 +32,12 @@ from selftune.checkpoint import (
 )
 from selftune.distill import kl_sum, soft_target_loss
 from selftune.errors import SelftuneError
-from selftune.fast_path import enable_fast_path, set_checkpointing
+from selftune.fast_path import (
+    choose_checkpointing,
+    disable_fast_path,
+    enable_fast_path,
+    set_checkpointing,
+)
 from selftune.kernels.linear_ce import linear_cross_entropy
 
 log = logging.getLogger(__name__)
@@ -405,11 +411,16 @@ def train(
     device = str(next(model.parameters()).device)
     plan = make_plan(args, micro_batches_per_epoch, count_parameters(model), where.world)
     model = wrap_model(model, args)
-    enabled = enable_fast_path(causal_lm(model), device, args.packing)
+    # on CUDA the rows come packed: by --packing, else per optimizer step (batches.StepRows)
+    enabled = enable_fast_path(causal_lm(model), device, packing=True)
     if enabled:
         log.info("fast path: %s", ", ".join(enabled))
-    if args.gradient_checkpointing:
-        set_checkpointing(causal_lm(model), None)
+    largest = largest_micro_batch(train_batches(0), plan.per_step)
+    layers, said = choose_checkpointing(
+        causal_lm(model), args.gradient_checkpointing, device, largest
+    )
+    log.info("memory: %s", said)
+    set_checkpointing(causal_lm(model), layers)
     checkpoint = Path(args.resume_from_checkpoint) if args.resume_from_checkpoint else None
     if checkpoint is not None:  # weights go in whole, before FSDP2 shards them
         load_trained_weights(model, checkpoint, args.train_type == "full")
@@ -455,6 +466,7 @@ def train(
         disable=not where.main,
     )
     for step, epoch, group in step_groups(train_batches, plan, args.seed, state.step):
+        group = assemble(group)
         n_tokens = label_tokens(group)  # the whole step's, every rank's share included
         mine, stand_ins = rank_share(group, where.rank, where.world)
         mine = [to_device(b, device) for b in mine]
@@ -529,6 +541,7 @@ def train(
             if where.main:
                 rotate_checkpoints(run_dir, args.save_total_limit, state.best_checkpoint)
     bar.close()
+    disable_fast_path(causal_lm(model))
     records = read_log(run_dir) if where.main else []
     if records:
         plot_loss(records, run_dir / "train_loss.png")
