@@ -46,6 +46,22 @@ def apply_liger(model: Any) -> bool:
     return True
 
 
+def packs_safely(model: Any) -> bool:
+    """Whether packed rows train on this model exactly as separate rows: the families whose
+    attention our varlen kernel reproduces (full causal attention, no logit soft-capping, no
+    sliding window). Others keep padded rows unless --packing asks otherwise."""
+    config = model.config
+    if config.model_type not in LIGER_PATCHES:
+        return False
+    if getattr(config, "attn_logit_softcapping", None):
+        return False
+    windowed = getattr(config, "sliding_window", None) and getattr(
+        config, "use_sliding_window", True
+    )
+    layer_types = getattr(config, "layer_types", None) or []
+    return not windowed and all(t == "full_attention" for t in layer_types)
+
+
 def decoder_layers(model: Any) -> list[Any]:
     decoder = model.get_decoder()
     return list(getattr(decoder, "layers", []))
@@ -68,25 +84,39 @@ MARGIN = 2 * GIB  # kept free for the allocator, the optimizer and the output-la
 
 
 def activation_bytes(config: Any) -> tuple[int, int]:
-    """Bytes one token keeps per decoder layer for backward: (without, with checkpointing).
-    About 20 x hidden + 8 x intermediate bytes in bf16 with LoRA on every linear layer, fitted
-    to the 7B measurement (one 2048-token row peaked at 26.1 GiB unchecked, 14.2 GiB of it
-    weights; bench/README.md); a checkpointed layer keeps its input alone."""
+    """Bytes one token keeps per decoder layer for backward with grouped LoRA: (without, with
+    checkpointing). About 20 x hidden + 8 x intermediate, fitted to the 7B config (one and two
+    2048-token rows peaked at 26.1 and 37.9 GiB unchecked, 14.2 GiB of it weights; this gives
+    26.1 and 38.0); a checkpointed layer keeps its input alone."""
     hidden = int(config.hidden_size)
     intermediate = int(getattr(config, "intermediate_size", 4 * hidden) or 4 * hidden)
     return 20 * hidden + 8 * intermediate, 2 * hidden
 
 
+def memory_is_modelled(model: Any) -> bool:
+    """activation_bytes holds for frozen models trained through grouped LoRA whose loss never
+    makes full logits; full fine-tunes (gradients, optimizer state), PEFT's own LoRA (float32
+    copies) and soft-capped or scaled heads are not modelled and keep every layer checkpointed."""
+    config = model.config
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return False
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    grouped = any(hasattr(m, "_selftune_group") for m in model.modules())
+    return grouped and all("lora_" in n for n in trainable)
+
+
 def auto_checkpoint_layers(model: Any, max_tokens: int, free_bytes: int) -> int | None:
     """The fewest decoder layers to checkpoint so that a micro-batch of `max_tokens` fits in
-    `free_bytes`: 0 for none, None for all."""
+    `free_bytes`: 0 for none, None for all. One layer's worth more is kept free for backward's
+    working set (the layer being recomputed, its gradients)."""
     layers = len(decoder_layers(model))
     plain, checked = activation_bytes(model.config)
     room = free_bytes - MARGIN
-    if layers == 0 or plain * layers * max_tokens <= room:
+    need_unchecked = plain * (layers + 1) * max_tokens
+    if layers == 0 or need_unchecked <= room:
         return 0
     saved_per_layer = (plain - checked) * max_tokens
-    needed = math.ceil((plain * layers * max_tokens - room) / saved_per_layer)
+    needed = math.ceil((need_unchecked - room) / saved_per_layer)
     return None if needed >= layers else needed
 
 
@@ -94,7 +124,10 @@ def choose_checkpointing(
     model: Any, wanted: bool | None, device: str, max_tokens: int
 ) -> tuple[int | None, str]:
     """Resolve --gradient_checkpointing: true = every layer, false = none, unset = off on CPU
-    and on CUDA as many layers as the free memory needs. Returns (layers, a line for the log)."""
+    and on CUDA as many layers as the free memory needs (every layer where memory_is_modelled
+    says no). Returns (layers, a line for the log)."""
+    if wanted is None and device.startswith("cuda") and not memory_is_modelled(model):
+        wanted = True
     if wanted is not None or not device.startswith("cuda"):
         layers = None if wanted else 0
         return layers, "gradient checkpointing " + ("on" if wanted else "off")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from selftune.batches import assemble, largest_micro_batch
+from selftune.batches import StepRows, assemble, largest_micro_batch
 from selftune.checkpoint import (
     TrainingState,
     list_checkpoints,
@@ -411,8 +411,8 @@ def train(
     device = str(next(model.parameters()).device)
     plan = make_plan(args, micro_batches_per_epoch, count_parameters(model), where.world)
     model = wrap_model(model, args)
-    # on CUDA the rows come packed: by --packing, else per optimizer step (batches.StepRows)
-    enabled = enable_fast_path(causal_lm(model), device, packing=True)
+    packed = args.packing or any(isinstance(b, StepRows) for b in train_batches(0))
+    enabled = enable_fast_path(causal_lm(model), device, packed)
     if enabled:
         log.info("fast path: %s", ", ".join(enabled))
     largest = largest_micro_batch(train_batches(0), plan.per_step)

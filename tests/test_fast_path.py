@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from support import build_tiny_llama
+from support import build_tiny_gemma2, build_tiny_llama, build_tiny_qwen2
 
 from selftune.fast_path import (
     MARGIN,
@@ -11,6 +11,8 @@ from selftune.fast_path import (
     choose_checkpointing,
     disable_fast_path,
     enable_fast_path,
+    memory_is_modelled,
+    packs_safely,
 )
 
 
@@ -31,13 +33,20 @@ def test_cuda_fast_path_routes_lora_layers_and_gives_them_back():
 
 
 def test_checkpointing_covers_only_the_layers_memory_needs():
-    model = build_tiny_llama(300)  # 2 layers, hidden 32, intermediate 64
+    from peft import LoraConfig, get_peft_model
+
+    from selftune.kernels.lora import fuse_lora
+
+    model = get_peft_model(  # 2 layers, hidden 32, intermediate 64, grouped LoRA
+        build_tiny_llama(300), LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM")
+    ).get_base_model()
+    fuse_lora(model)
     plain, checked = activation_bytes(model.config)
     assert (plain, checked) == (20 * 32 + 8 * 64, 2 * 32)
     tokens = 1000
-    all_plain = 2 * plain * tokens
-    assert auto_checkpoint_layers(model, tokens, MARGIN + all_plain) == 0
-    one_layer = MARGIN + all_plain - (plain - checked) * tokens
+    unchecked = 3 * plain * tokens  # 2 layers and one more for backward's working set
+    assert auto_checkpoint_layers(model, tokens, MARGIN + unchecked) == 0
+    one_layer = MARGIN + unchecked - (plain - checked) * tokens
     assert auto_checkpoint_layers(model, tokens, one_layer) == 1
     assert auto_checkpoint_layers(model, tokens, one_layer - 1) is None  # both layers
     assert auto_checkpoint_layers(model, tokens, 0) is None
@@ -48,3 +57,17 @@ def test_explicit_checkpointing_flags_win():
     assert choose_checkpointing(model, True, "cuda", 10**9)[0] is None
     assert choose_checkpointing(model, False, "cuda", 10**9)[0] == 0
     assert choose_checkpointing(model, None, "cpu", 10**9)[0] == 0
+
+
+def test_packing_is_automatic_only_where_it_is_exact():
+    assert packs_safely(build_tiny_llama(300)) and packs_safely(build_tiny_qwen2(300))
+    assert not packs_safely(build_tiny_gemma2(300))  # soft-capped, sliding-window attention
+    windowed = build_tiny_llama(300)
+    windowed.config.model_type, windowed.config.sliding_window = "mistral", 64
+    assert not packs_safely(windowed)
+
+
+def test_unmodelled_memory_keeps_every_layer_checkpointed():
+    full = build_tiny_llama(300).requires_grad_(True)  # a full fine-tune
+    assert not memory_is_modelled(full)
+    assert choose_checkpointing(full, None, "cuda", 10**6) == (None, "gradient checkpointing on")

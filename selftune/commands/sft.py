@@ -192,8 +192,16 @@ def train_run(args: SftArgs) -> Path:
     resolve_defaults(args, count_parameters(model), len(train_examples))
     # On a GPU each optimizer step's rows are packed into as few forward passes as fit
     # (batches.StepRows): the same rows and loss as unpacked training, far less idle time.
-    pack_tokens = 0
-    if device.startswith("cuda") and not args.packing:
+    from selftune.distributed import broadcast, ranks
+    from selftune.fast_path import packs_safely
+
+    pack_tokens = 0  # (several processes keep unpacked steps: each rank must run alike)
+    if (
+        device.startswith("cuda")
+        and not args.packing
+        and packs_safely(model)
+        and ranks().world == 1
+    ):
         pack_tokens = step_pack_tokens(
             args.max_length,
             args.per_device_train_batch_size,
@@ -222,7 +230,6 @@ def train_run(args: SftArgs) -> Path:
         if val_examples
         else []
     )
-    from selftune.distributed import broadcast, ranks
 
     if resume:
         run_dir = resume.parent

@@ -21,6 +21,22 @@ import torch
 import torch.nn.functional as F
 
 SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+OPTIMIZER_STEPS = [0]  # steps of any torch optimizer in this process (a cache-key part)
+_step_hook: Any = None
+
+
+def count_optimizer_step(*_: Any) -> None:
+    OPTIMIZER_STEPS[0] += 1
+
+
+def watch_optimizers() -> None:
+    """Count every optimizer step, so the cast adapters are refreshed even after an update
+    through `.data`, which leaves the version counters alone."""
+    global _step_hook
+    if _step_hook is None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _step_hook = register_optimizer_step_post_hook(count_optimizer_step)
 
 
 class GroupedLora(torch.autograd.Function):
@@ -128,14 +144,14 @@ class LoraGroup:
         return list(GroupedLora.apply(x, p, lowrank, *tensors))
 
     def current_lowrank(self, adapters: list[torch.Tensor], x: torch.Tensor) -> tuple:
-        """Cast and stack the adapters once per optimizer step, not once per call: the key
-        holds each weight's version counter, which every in-place update (optimizer step,
-        state-dict load) moves on."""
+        """Cast and stack the adapters once per optimizer step, not once per call: the key holds
+        the optimizer steps taken and each weight's address and version counter, which in-place
+        updates through the tensor itself (a state-dict load, `copy_`) move on."""
         dtype = self.modules[0].base_layer.weight.dtype  # the compute dtype: bf16 on a GPU
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
         scales = tuple(float(m.scaling[self.adapter]) for m in self.modules)
-        key = (dtype, scales, *((t.data_ptr(), t._version) for t in adapters))
+        key = (dtype, scales, OPTIMIZER_STEPS[0], *((t.data_ptr(), t._version) for t in adapters))
         if self.lowrank is None or key != self.lowrank_key:
             k = len(self.modules)
             self.lowrank = compute_lowrank(adapters[:k], adapters[k:], scales, dtype)
@@ -181,6 +197,7 @@ def dropout_rate(module: Any, adapter: str) -> float:
 def fuse_lora(model: Any) -> int:
     """Route every plain LoRA Linear of `model` through GroupedLora, grouping the projections
     that share an input; return the number of layers routed. `unfuse_lora` undoes it."""
+    watch_optimizers()
     routed = 0
     for parent in model.modules():
         children = {name: m for name, m in parent.named_children() if plain_lora(m)}

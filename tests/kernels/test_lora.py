@@ -159,3 +159,66 @@ def test_each_optimizer_step_sees_the_updated_adapters():
     assert losses[False][2] != losses[False][0]
     for peft_loss, fused_loss in zip(losses[False], losses[True]):
         assert abs(fused_loss - peft_loss) <= 1e-5 * abs(peft_loss)
+
+
+def test_an_update_through_data_refreshes_the_cast_adapters():
+    """A step that writes `.data` leaves the version counters alone; the step count does not."""
+
+    class DataSGD(torch.optim.Optimizer):
+        def __init__(self, params):
+            super().__init__(params, {"lr": 0.5})
+
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.data.add_(p.grad, alpha=-group["lr"])
+
+    losses = {}
+    for fused in (False, True):
+        model = lora_model(build_tiny_llama)
+        if fused:
+            fuse_lora(model)
+        optimizer = DataSGD([p for p in model.parameters() if p.requires_grad])
+        losses[fused] = []
+        for _ in range(2):
+            loss, _, _ = accumulate_gradients(model, [packed_batch([8, 11])])
+            optimizer.step()
+            optimizer.zero_grad()
+            losses[fused].append(loss)
+    assert losses[False][1] != losses[False][0]
+    for peft_loss, fused_loss in zip(losses[False], losses[True]):
+        assert abs(fused_loss - peft_loss) <= 1e-5 * abs(peft_loss)
+
+
+def test_checkpointed_layers_recompute_the_same_gradients():
+    from selftune.fast_path import set_checkpointing
+
+    model = lora_model(build_tiny_qwen2, dropout=0.2)
+    batches = [packed_batch([9, 14])]
+    torch.manual_seed(7)
+    fuse_lora(model)
+    plain_loss, plain_grads = loss_and_grads(model, batches)
+    set_checkpointing(model.get_base_model(), None)
+    torch.manual_seed(7)  # the same dropout masks, also in the recompute
+    checked_loss, checked_grads = loss_and_grads(model, batches)
+    assert checked_loss == pytest.approx(plain_loss, rel=1e-6)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(checked_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_dora_and_mixed_adapter_batches_keep_peft():
+    from peft import LoraConfig, get_peft_model
+
+    dora = get_peft_model(
+        build_tiny_llama(VOCAB),
+        LoraConfig(r=4, target_modules="all-linear", use_dora=True, task_type="CAUSAL_LM"),
+    )
+    assert fuse_lora(dora) == 0
+    model = lora_model(build_tiny_llama)
+    fuse_lora(model)
+    model.eval()
+    batch = packed_batch([6, 6])
+    with torch.no_grad():
+        mixed = model(**batch, adapter_names=["default"]).logits
+        tuned = model(**batch).logits
+    torch.testing.assert_close(mixed, tuned, rtol=1e-5, atol=1e-6)
