@@ -104,7 +104,7 @@ def test_identity_needs_name_and_author(tmp_path):
 
 
 RESUME_FLAGS = (
-    "--gradient_accumulation_steps 1 --max_steps 120 --save_steps 20 --logging_steps 1 "
+    "--gradient_accumulation_steps 1 --max_steps 60 --save_steps 20 --logging_steps 1 "
     "--lora_dropout 0.1 --learning_rate 1e-3 --seed 7"
 ).split()
 
@@ -138,7 +138,7 @@ def test_killed_run_resumes_to_the_same_weights(tiny_model_dir, tmp_path):
     )
     assert whole.returncode == 0, whole.stderr
     expected = load_file(
-        only_run_dir(tmp_path / "whole") / "checkpoint-120" / "adapter_model.safetensors"
+        only_run_dir(tmp_path / "whole") / "checkpoint-60" / "adapter_model.safetensors"
     )
 
     output = tmp_path / "killed"
@@ -159,7 +159,7 @@ def test_killed_run_resumes_to_the_same_weights(tiny_model_dir, tmp_path):
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     run_dir = only_run_dir(output)
     saved = sorted(p.name for p in run_dir.iterdir() if p.name.startswith("checkpoint"))
-    assert "checkpoint-120" not in saved
+    assert "checkpoint-60" not in saved
     latest = max(saved, key=lambda name: int(name.split("-")[1]))
     resumed = subprocess.run(
         train_cmd(tiny_model_dir, output, "--resume_from_checkpoint", run_dir / latest),
@@ -168,14 +168,14 @@ def test_killed_run_resumes_to_the_same_weights(tiny_model_dir, tmp_path):
         timeout=900,
     )
     assert resumed.returncode == 0, resumed.stderr
-    got = load_file(run_dir / "checkpoint-120" / "adapter_model.safetensors")
+    got = load_file(run_dir / "checkpoint-60" / "adapter_model.safetensors")
     assert got.keys() == expected.keys()
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
     steps = [
         json.loads(line)["step"] for line in (run_dir / "logging.jsonl").read_text().splitlines()
     ]
-    assert steps == sorted(set(steps)) and steps[-1] == 120
+    assert steps == sorted(set(steps)) and steps[-1] == 60
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only message")
