@@ -8,9 +8,10 @@ Cases, one process, one model, the same prompt and answer length:
 - selftune's plain loop (`decode_steps`, the path of batches and of CPU);
 - selftune's static cache + CUDA graphs (`static_decode`, the path of one row on CUDA, with
   Liger's RMSNorm/RoPE/SwiGLU kernels where installed), on the base model, with an unmerged LoRA
-  adapter (r=8, all-linear), and with it merged.
-The answer runs to `--tokens` (no end token counts). Each case is timed on its second call (the
-first warms up; for the graph path it captures), and prints one JSON line: tokens/s, ms per token,
+  adapter (r=8, all-linear) through PEFT's forward and through grouped LoRA (the default on
+  CUDA), and with it merged. `--profile` prints the kernels of one eager decode step.
+The answer runs to `--tokens` (no end token counts). Each case is timed as the median of three
+calls after one that warms up (for the graph path it captures), and prints one JSON line: tokens/s, ms per token,
 peak memory, and the weight bandwidth that speed implies. Then, for stock's dynamic cache and for
 the static path, stock's answer is fed back token by token and each step's logits are compared
 with one full forward (random weights give near-flat logits, so greedy answers part at near-ties:
@@ -52,14 +53,18 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(run, device: str) -> tuple[list[int], float]:
-    """(tokens, seconds) of the second call; the first one warms up (and captures graphs)."""
+def timed(run, device: str, repeats: int = 3) -> tuple[list[int], float]:
+    """(tokens, seconds) of the median of `repeats` calls after one that warms up (and
+    captures graphs): a first timed call can catch the GPU still raising its clocks."""
     run()
     sync(device)
-    start = time.perf_counter()
-    tokens = run()
-    sync(device)
-    return tokens, time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        tokens = run()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return tokens, sorted(times)[len(times) // 2]
 
 
 def stock(model, prompt: list[int], tokens: int, cache: str | None):
@@ -149,6 +154,26 @@ def forced_agreement(model, prompt: list[int], answer: list[int], static: bool) 
     }
 
 
+@torch.inference_mode()
+def profile_step(model, prompt: list[int]) -> None:
+    """The kernels of 8 eager static-cache steps (what one graph replay launches)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    decoder = static_decode.decoder_for(model)
+    bucket = decoder.bucket(static_decode.bucket_length(len(prompt) + 16))
+    decoder.prefill(bucket, prompt)
+    decoder.run_step(bucket)
+    sync("cuda")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(8):
+            decoder.run_step(bucket)
+        sync("cuda")
+    events = prof.key_averages()
+    kernels = sum(e.count for e in events if e.device_type.name == "CUDA")
+    print(json.dumps({"case": "profile", "kernels_per_step": kernels / 8}), flush=True)
+    print(events.table(sort_by="self_cuda_time_total", row_limit=30), flush=True)
+
+
 def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
@@ -159,6 +184,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tokens", type=int, default=256, help="answer length")
     parser.add_argument("--prompt_tokens", type=int, default=32)
+    parser.add_argument(
+        "--profile", action="store_true", help="kernel table of one eager LoRA decode step"
+    )
     parser.add_argument(
         "--no_liger", action="store_true", help="decode without Liger's kernels where installed"
     )
@@ -212,7 +240,18 @@ def main() -> None:
         for name, param in tuned.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.02)
+    from selftune.kernels import lora as grouped
+
+    real_fuse = grouped.fuse_lora
+    grouped.fuse_lora = lambda model: 0  # PEFT's own LoRA forward inside the graphs
+    measure(
+        "selftune static + graphs, LoRA unmerged, PEFT forward", graphs(tuned, prompt, args.tokens)
+    )
+    grouped.fuse_lora = real_fuse
+    tuned._selftune_static_decoder = None  # a new decoder routes the layers through grouped LoRA
     measure("selftune static + graphs, LoRA unmerged", graphs(tuned, prompt, args.tokens))
+    if args.profile:
+        profile_step(tuned, prompt)
     tuned.merge_adapter()
     measure("selftune static + graphs, LoRA merged", graphs(tuned, prompt, args.tokens))
 

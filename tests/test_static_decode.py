@@ -91,6 +91,51 @@ def test_lora_adapter_on_and_off(model):
     assert len(states) == 2  # one step per adapter state
 
 
+def test_grouped_lora_decodes_as_peft_and_follows_new_adapter_weights(model):
+    """On the GPU the decoder routes LoRA layers through grouped LoRA, whose decode reads cast
+    adapters cached in place (captured graphs hold their addresses): an answer equals PEFT's,
+    also after the adapter weights change, and a routing change drops the old groups."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from selftune.kernels.lora import fuse_lora, lora_groups, unfuse_lora
+
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear")).eval()
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    reference = copy.deepcopy(peft_model)  # keeps PEFT's own forward
+    params = SamplingParams(max_new_tokens=20)
+    fuse_lora(peft_model)  # as decoder_for does on a GPU
+    assert static_tokens(peft_model, PROMPTS[0], params) == plain_tokens(
+        reference, PROMPTS[0], params
+    )
+    group = lora_groups(peft_model)[0]
+    slot = ("default", False, True)  # no grad, inference mode: the decode's cache
+    cached = group.lowrank[slot][1][0]
+    old = cached.clone()
+    torch.manual_seed(9)
+    with torch.no_grad():  # new adapter weights of the same shapes, as a reload writes them
+        for (name, param), (_, twin) in zip(
+            peft_model.named_parameters(), reference.named_parameters()
+        ):
+            if "lora_B" in name:
+                param.copy_(torch.randn_like(param) * 0.5)
+                twin.copy_(param)
+    decoder = static_decode.decoder_for(peft_model)
+    assert group in decoder.lora_groups
+    with torch.inference_mode():
+        decoder.prepare_lora()  # what runs before each answer, ahead of any replay
+    assert group.lowrank[slot][1][0] is cached and not torch.equal(cached, old)  # in place
+    changed = plain_tokens(reference, PROMPTS[0], params)
+    assert static_tokens(peft_model, PROMPTS[0], params) == changed
+    unfuse_lora(peft_model)
+    assert static_tokens(peft_model, PROMPTS[0], params) == changed
+    assert decoder.lora_groups == []  # PEFT's forward again (on a CPU nothing re-routes)
+
+
 def test_generate_uses_it_for_one_row_and_falls_back(tiny_llama, smol_tokenizer, monkeypatch):
     question = [[{"role": "user", "content": "Hello there"}]]
     params = SamplingParams(max_new_tokens=10)

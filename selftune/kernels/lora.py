@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 OPTIMIZER_STEPS = [0]  # steps of any torch optimizer in this process (a cache-key part)
+ROUTINGS = [0]  # fuse_lora / unfuse_lora calls that changed a model: captured graphs go stale
 _step_hook: Any = None
 
 
@@ -49,19 +50,7 @@ class GroupedLora(torch.autograd.Function):
         k = len(b_scaled)
         weights, biases, lora_a = tensors[:k], tensors[k : 2 * k], tensors[2 * k : 3 * k]
         dtype = a_all.dtype
-        with torch.autocast(x.device.type, enabled=False):
-            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            mask = None
-            dropped = x2
-            if p > 0:
-                dropped, mask = torch.native_dropout(x2, p, True)
-            low = dropped @ a_all.t()  # (tokens, sum of ranks)
-            outputs, start = [], 0
-            for weight, bias, b in zip(weights, biases, b_scaled):
-                out = F.linear(x2, weight.to(dtype), None if bias is None else bias.to(dtype))
-                out.addmm_(low[:, start : start + b.shape[1]], b.t())
-                start += b.shape[1]
-                outputs.append(out.view(*x.shape[:-1], out.shape[-1]))
+        outputs, dropped, mask, low = grouped_outputs(x, p, a_all, b_scaled, weights, biases)
         ctx.p, ctx.k, ctx.dtype = p, k, dtype
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         ctx.save_for_backward(dropped, mask, low, a_all, *weights, *b_scaled, *lora_a)
@@ -88,11 +77,10 @@ class GroupedLora(torch.autograd.Function):
                 grad_x = g2[0] @ weights[0].to(dtype)
                 for g, weight in zip(g2[1:], weights[1:]):
                     grad_x.addmm_(g, weight.to(dtype))
-                through_a = grad_low @ a_all
                 if mask is None:
-                    grad_x.add_(through_a)
-                else:
-                    grad_x.add_(through_a.mul_(mask), alpha=1.0 / (1.0 - ctx.p))
+                    grad_x.addmm_(grad_low, a_all)
+                else:  # one pass over the input-sized gradient: mask and rescale as it is added
+                    grad_x.addcmul_(grad_low @ a_all, mask, value=1.0 / (1.0 - ctx.p))
                 grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
             grad_a = (grad_low.t() @ dropped).split([a.shape[0] for a in lora_a])
             grads_a = [g.to(a.dtype) for g, a in zip(grad_a, lora_a)]
@@ -104,66 +92,125 @@ class GroupedLora(torch.autograd.Function):
         return (grad_x, None, None, *([None] * (2 * k)), *grads_a, *grads_b)
 
 
-def compute_lowrank(lora_a, lora_b, scales, dtype) -> tuple:
-    """The adapters as the kernel uses them: A stacked, each B times its scale, in `dtype`."""
+def grouped_outputs(x, p: float, a_all, b_scaled, weights, biases) -> tuple:
+    """The group's outputs, and what backward needs: the dropped-out input, its mask (None
+    without dropout) and the rank-r products. Also the whole no-grad path (decode): one GEMM
+    for the stacked A, then per member its base GEMM and its B added in place."""
+    dtype = a_all.dtype
+    with torch.autocast(x.device.type, enabled=False):
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        mask = None
+        dropped = x2
+        if p > 0:
+            dropped, mask = torch.native_dropout(x2, p, True)
+        low = dropped @ a_all.t()  # (tokens, sum of ranks)
+        outputs, start = [], 0
+        for weight, bias, b in zip(weights, biases, b_scaled):
+            out = F.linear(x2, weight.to(dtype), None if bias is None else bias.to(dtype))
+            out.addmm_(low[:, start : start + b.shape[1]], b.t())
+            start += b.shape[1]
+            outputs.append(out.view(*x.shape[:-1], out.shape[-1]))
+    return outputs, dropped, mask, low
+
+
+def compute_lowrank(lora_a, lora_b, scales, dtype, into: tuple | None = None) -> tuple:
+    """The adapters as the kernel uses them: A stacked, each B times its scale, in `dtype`;
+    written into `into` (an earlier result of the same shapes) when given, so that CUDA graphs
+    captured over those tensors read the new values."""
     with torch.no_grad():
         a_all = torch.cat([a.to(dtype) for a in lora_a])
         b_scaled = [(b * s).to(dtype) for b, s in zip(lora_b, scales)]
+        if into is not None and same_layout((a_all, *b_scaled), (into[0], *into[1])):
+            into[0].copy_(a_all)
+            for old, new in zip(into[1], b_scaled):
+                old.copy_(new)
+            return into[0], into[1], scales
     return a_all, b_scaled, scales
+
+
+def same_layout(new: tuple, old: tuple) -> bool:
+    return len(new) == len(old) and all(
+        a.shape == b.shape and a.dtype == b.dtype and a.device == b.device for a, b in zip(new, old)
+    )
 
 
 @dataclass
 class LoraGroup:
     """PEFT LoRA Linear layers that read the same input; their outputs for the last input are
-    kept until each member has taken its own, so the group runs once per input."""
+    kept until each member has taken its own, so the group runs once per input. The adapter is
+    whichever one is active when it runs (the server switches them per request)."""
 
     modules: list[Any]
-    adapter: str
-    dropout: float
     last_input: torch.Tensor | None = None
     outputs: list[torch.Tensor] = field(default_factory=list)
     waiting: set[int] = field(default_factory=set)
-    lowrank: tuple | None = None  # compute_lowrank's result, reused until the weights change
-    lowrank_key: tuple = ()
+    # compute_lowrank's results per (adapter, grad mode), reused until the weights change: under
+    # no_grad they are refreshed in place (decode graphs hold their addresses), with grad anew
+    # (backward may still hold the old ones)
+    lowrank: dict[tuple, tuple] = field(default_factory=dict)
+    lowrank_key: dict[tuple, tuple] = field(default_factory=dict)
 
-    def usable(self) -> bool:
-        return all(
-            not m.disable_adapters and not m.merged and m.active_adapters == [self.adapter]
-            for m in self.modules
-        )
+    def adapter(self) -> str | None:
+        """The one active adapter when every member runs it plainly at one dropout rate."""
+        first = self.modules[0]
+        if first.disable_adapters or len(first.active_adapters) != 1:
+            return None
+        (name,) = first.active_adapters
+        for m in self.modules:
+            if m.merged or m.disable_adapters or plain_lora(m) != name:
+                return None
+        if len({dropout_rate(m, name) for m in self.modules}) != 1:
+            return None
+        return name
 
-    def run(self, x: torch.Tensor) -> list[torch.Tensor]:
-        name = self.adapter
-        training = self.modules[0].training and torch.is_grad_enabled()
-        tensors = [m.base_layer.weight for m in self.modules]
-        tensors += [m.base_layer.bias for m in self.modules]
-        tensors += [m.lora_A[name].weight for m in self.modules]
-        tensors += [m.lora_B[name].weight for m in self.modules]
-        lowrank = self.current_lowrank(tensors[2 * len(self.modules) :], x)
-        p = self.dropout if training else 0.0
-        return list(GroupedLora.apply(x, p, lowrank, *tensors))
+    def run(self, x: torch.Tensor, name: str) -> list[torch.Tensor]:
+        weights = [m.base_layer.weight for m in self.modules]
+        biases = [m.base_layer.bias for m in self.modules]
+        adapters = [m.lora_A[name].weight for m in self.modules]
+        adapters += [m.lora_B[name].weight for m in self.modules]
+        lowrank = self.current_lowrank(name, adapters, x.device.type)
+        if not torch.is_grad_enabled():  # decode: no autograd record, no dropout
+            a_all, b_scaled, _ = lowrank
+            return grouped_outputs(x, 0.0, a_all, b_scaled, weights, biases)[0]
+        training = self.modules[0].training
+        p = dropout_rate(self.modules[0], name) if training else 0.0
+        return list(GroupedLora.apply(x, p, lowrank, *weights, *biases, *adapters))
 
-    def current_lowrank(self, adapters: list[torch.Tensor], x: torch.Tensor) -> tuple:
+    def current_lowrank(self, name: str, adapters: list[torch.Tensor], device_type: str) -> tuple:
         """Cast and stack the adapters once per optimizer step, not once per call: the key holds
         the optimizer steps taken and each weight's address and version counter, which in-place
         updates through the tensor itself (a state-dict load, `copy_`) move on."""
         dtype = self.modules[0].base_layer.weight.dtype  # the compute dtype: bf16 on a GPU
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
-        scales = tuple(float(m.scaling[self.adapter]) for m in self.modules)
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+        scales = tuple(float(m.scaling[name]) for m in self.modules)
         key = (dtype, scales, OPTIMIZER_STEPS[0], *((t.data_ptr(), t._version) for t in adapters))
-        if self.lowrank is None or key != self.lowrank_key:
+        slot = (name, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+        if self.lowrank_key.get(slot) != key:
             k = len(self.modules)
-            self.lowrank = compute_lowrank(adapters[:k], adapters[k:], scales, dtype)
-            self.lowrank_key = key
-        return self.lowrank
+            into = None if slot[1] else self.lowrank.get(slot)
+            self.lowrank[slot] = compute_lowrank(adapters[:k], adapters[k:], scales, dtype, into)
+            self.lowrank_key[slot] = key
+        return self.lowrank[slot]
+
+    def refresh(self) -> None:
+        """Bring the no-grad adapters up to date: before a captured decode graph replays, since
+        a replay runs no Python that would notice new adapter weights."""
+        name = self.adapter()
+        if name is None:
+            return
+        adapters = [m.lora_A[name].weight for m in self.modules]
+        adapters += [m.lora_B[name].weight for m in self.modules]
+        with torch.no_grad():
+            self.current_lowrank(name, adapters, adapters[0].device.type)
 
     def output(self, index: int, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         module = self.modules[index]
-        if args or kwargs or not self.usable():  # mixed-adapter batches, merged or disabled
-            return type(module).forward(module, x, *args, **kwargs)
-        if x is not self.last_input or index not in self.waiting:
-            self.last_input, self.outputs = x, self.run(x)
+        if args or kwargs or x is not self.last_input or index not in self.waiting:
+            name = None if args or kwargs else self.adapter()
+            if name is None:  # mixed-adapter batches, merged, disabled or DoRA adapters
+                return type(module).forward(module, x, *args, **kwargs)
+            self.last_input, self.outputs = x, self.run(x, name)
             self.waiting = set(range(len(self.modules)))
         self.waiting.discard(index)
         out = self.outputs[index]
@@ -201,24 +248,28 @@ def fuse_lora(model: Any) -> int:
     routed = 0
     for parent in model.modules():
         children = {name: m for name, m in parent.named_children() if plain_lora(m)}
-        groups: list[list[str]] = []
-        for names in SHARED_INPUT:
-            present = [n for n in names if n in children]
-            if len(present) > 1 and len({plain_lora(children[n]) for n in present}) == 1:
-                rates = {dropout_rate(children[n], plain_lora(children[n])) for n in present}
-                if len(rates) == 1:
-                    groups.append(present)
+        groups = [[n for n in names if n in children] for names in SHARED_INPUT]
+        groups = [g for g in groups if len(g) > 1]
         grouped = {n for g in groups for n in g}
         groups += [[n] for n in children if n not in grouped]
         for names in groups:
-            members = [children[n] for n in names]
-            adapter = plain_lora(members[0])
-            group = LoraGroup(members, adapter, dropout_rate(members[0], adapter))
-            for index, member in enumerate(members):
-                member.forward = _bound(group, index)
-                member._selftune_group = group
+            group = LoraGroup([children[n] for n in names])
+            for index, name in enumerate(names):
+                children[name].forward = _bound(group, index)
+                children[name]._selftune_group = group
                 routed += 1
+    ROUTINGS[0] += bool(routed)
     return routed
+
+
+def lora_groups(model: Any) -> list[LoraGroup]:
+    """The model's routed groups, each once."""
+    groups: dict[int, LoraGroup] = {}
+    for module in model.modules():
+        group = getattr(module, "_selftune_group", None)
+        if group is not None:
+            groups[id(group)] = group
+    return list(groups.values())
 
 
 def _bound(group: LoraGroup, index: int):
@@ -230,7 +281,10 @@ def _bound(group: LoraGroup, index: int):
 
 def unfuse_lora(model: Any) -> None:
     """Give every routed layer back its PEFT forward."""
+    undone = False
     for module in model.modules():
         if getattr(module, "_selftune_group", None) is not None:
             del module.forward
             del module._selftune_group
+            undone = True
+    ROUTINGS[0] += undone

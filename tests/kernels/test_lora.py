@@ -71,7 +71,7 @@ def test_projections_that_share_an_input_run_as_one_group():
     assert attention.o_proj._selftune_group.modules == [attention.o_proj]
     calls = []
     original = group.run
-    group.run = lambda x: calls.append(x) or original(x)
+    group.run = lambda x, name: calls.append(x) or original(x, name)
     x = torch.randn(1, 5, 64)
     outputs = [attention.q_proj(x), attention.k_proj(x), attention.v_proj(x)]
     assert len(calls) == 1 and group.last_input is None  # one run, then nothing held
