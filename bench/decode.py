@@ -240,15 +240,13 @@ def main() -> None:
         for name, param in tuned.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.02)
-    from selftune.kernels import lora as grouped
-
-    real_fuse = grouped.fuse_lora
-    grouped.fuse_lora = lambda model: 0  # PEFT's own LoRA forward inside the graphs
+    # PEFT's own LoRA forward inside the graphs: no grouped LoRA, no stacked projections
+    tuned._selftune_static_decoder = static_decode.StaticDecoder(tuned, True, fast=False)
     measure(
-        "selftune static + graphs, LoRA unmerged, PEFT forward", graphs(tuned, prompt, args.tokens)
+        "selftune static + graphs, LoRA unmerged, PEFT forward",
+        graphs(tuned, prompt, args.tokens),
     )
-    grouped.fuse_lora = real_fuse
-    tuned._selftune_static_decoder = None  # a new decoder routes the layers through grouped LoRA
+    tuned._selftune_static_decoder = None  # a new decoder: grouped LoRA, stacked projections
     measure("selftune static + graphs, LoRA unmerged", graphs(tuned, prompt, args.tokens))
     if args.profile:
         profile_step(tuned, prompt)
@@ -257,6 +255,12 @@ def main() -> None:
 
     reference = answers["stock dynamic cache"]
     tuned.unmerge_adapter()
+    forced = forced_agreement(tuned, prompt, reference, True)  # stacked LoRA decode steps
+    print(
+        json.dumps(
+            {"case": "teacher-forced static + graphs, LoRA unmerged, vs one full forward", **forced}
+        )
+    )
     with tuned.disable_adapter():
         for name, static in (("stock dynamic cache", False), ("static + graphs", True)):
             forced = forced_agreement(model, prompt, reference, static)

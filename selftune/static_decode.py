@@ -115,10 +115,13 @@ def set_cache_length(cache: Any, length: int) -> None:
 class StaticDecoder:
     """Owns the buckets and captured steps of one model; kept on the model object."""
 
-    def __init__(self, model: Any, use_graphs: bool):
+    def __init__(self, model: Any, use_graphs: bool, fast: bool | None = None):
         from selftune.generate import cache_keyword
 
         self.model = model
+        # grouped LoRA and stacked projections: on the GPU, where launches bound the step
+        self.fast = use_graphs if fast is None else fast
+        self.stacks: list[Any] | None = None
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.use_graphs = use_graphs
@@ -129,22 +132,28 @@ class StaticDecoder:
         self.routing = -1  # kernels.lora.ROUTINGS when the steps were captured
         self.lora_groups: list[Any] = []
 
-    def prepare_lora(self) -> None:
-        """Before an answer: route the LoRA layers through grouped LoRA on the GPU (an eighth
-        of PEFT's launches per token), drop graphs captured under another routing, and bring
-        the adapters the graphs read up to date."""
-        from selftune.kernels import lora
+    def prepare(self) -> None:
+        """Before an answer: route the LoRA layers through grouped LoRA (an eighth of PEFT's
+        launches per token) and stack the projections that share an input (kernels.stacked),
+        drop graphs captured under another routing, and bring the adapters the graphs read
+        up to date."""
+        from selftune.kernels import lora, stacked
 
         if self.routing != lora.ROUTINGS[0]:
             groups = lora.lora_groups(self.model)
-            if not groups and self.use_graphs and hasattr(self.model, "peft_config"):
+            if not groups and self.fast and hasattr(self.model, "peft_config"):
                 lora.fuse_lora(self.model)
                 groups = lora.lora_groups(self.model)
+            if self.stacks is None:
+                self.stacks = stacked.stack_projections(self.model) if self.fast else []
+            stacked.route(self.stacks)
             self.steps.clear()
             self.routing = lora.ROUTINGS[0]
             self.lora_groups = groups
         for group in self.lora_groups:
             group.refresh()
+        for stack in self.stacks:
+            stack.refresh()
 
     def bucket(self, length: int) -> Bucket:
         if length not in self.buckets:
@@ -261,7 +270,7 @@ class StaticDecoder:
 
 def decoder_for(model: Any) -> StaticDecoder:
     decoder = getattr(model, "_selftune_static_decoder", None)
-    if decoder is None:
+    if decoder is None or decoder.model is not model:  # PEFT passes attributes through
         on_gpu = next(model.parameters()).is_cuda
         if on_gpu:
             from selftune.fast_path import apply_liger
@@ -307,7 +316,7 @@ def static_steps(
     if params.max_new_tokens <= 0:
         return
     decoder = decoder_for(model)
-    decoder.prepare_lora()
+    decoder.prepare()
     state = adapter_state(model)  # adapters do not change within one answer
     bucket = decoder.bucket(bucket_length(len(prompt) + min(params.max_new_tokens, LOOKAHEAD) + 2))
     logits = decoder.prefill(bucket, prompt)

@@ -127,7 +127,7 @@ def test_grouped_lora_decodes_as_peft_and_follows_new_adapter_weights(model):
     decoder = static_decode.decoder_for(peft_model)
     assert group in decoder.lora_groups
     with torch.inference_mode():
-        decoder.prepare_lora()  # what runs before each answer, ahead of any replay
+        decoder.prepare()  # what runs before each answer, ahead of any replay
     assert group.lowrank[slot][1][0] is cached and not torch.equal(cached, old)  # in place
     changed = plain_tokens(reference, PROMPTS[0], params)
     assert static_tokens(peft_model, PROMPTS[0], params) == changed

@@ -1,0 +1,181 @@
+"""Stacked decode projections (selftune.kernels.stacked): the decode path of the GPU, run eagerly
+here on the CPU, gives the tokens of the unstacked model (PEFT's own forward for LoRA)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from support import build_tiny_llama, build_tiny_qwen2
+
+from selftune import static_decode
+from selftune.generate import SamplingParams, decode_steps
+from selftune.kernels.lora import lora_groups, unfuse_lora
+from selftune.kernels.stacked import Stack
+from selftune.train import accumulate_gradients
+
+VOCAB = 300
+PROMPT = [5, 17, 42, 99, 7, 3, 250]
+PARAMS = SamplingParams(max_new_tokens=16)
+
+
+def sharpened(builder):
+    model = builder(VOCAB, seed=3)
+    with torch.no_grad():  # larger weights: each token depends on the whole context
+        for name, param in model.named_parameters():
+            if name.endswith("proj.weight"):
+                param.mul_(8)
+    return model
+
+
+def with_lora(model, seed: int = 0):
+    from peft import LoraConfig, get_peft_model
+
+    tuned = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear")).eval()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in tuned.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    return tuned
+
+
+def plain(model) -> list[int]:
+    return [step[0] for step in decode_steps(model, [PROMPT], PARAMS, set(), pad_id=0)]
+
+
+def fast(model) -> list[int]:
+    """Decode with what the GPU gets: grouped LoRA and stacked projections (no graphs here)."""
+    decoder = getattr(model, "_selftune_static_decoder", None)
+    if decoder is None or decoder.model is not model:  # (a PeftModel passes attributes on)
+        model._selftune_static_decoder = static_decode.StaticDecoder(model, False, fast=True)
+    return list(static_decode.static_steps(model, PROMPT, PARAMS, set()))
+
+
+def stacks_of(model) -> list[Stack]:
+    return model._selftune_static_decoder.stacks
+
+
+@pytest.mark.parametrize("builder", [build_tiny_llama, build_tiny_qwen2])
+def test_base_model_decodes_the_same_on_one_buffer_per_input(builder, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = sharpened(builder)
+    reference = copy.deepcopy(model)
+    assert fast(model) == plain(reference)
+    stacks = stacks_of(model)
+    assert len(stacks) == 2 * 2  # q/k/v and gate/up of both layers; o and down stay alone
+    attention = model.model.layers[0].self_attn
+    (qkv,) = [s for s in stacks if attention.q_proj in s.modules]
+    assert attention.k_proj.weight.data_ptr() == qkv.weight[qkv.outs[0]].data_ptr()  # a view
+    assert qkv.rank == 0 and qkv.weight.shape[0] == sum(qkv.outs)
+    params = sum(p.numel() for p in model.parameters())
+    assert params == sum(p.numel() for p in reference.parameters())
+    model.save_pretrained(tmp_path, safe_serialization=True)  # views save as plain weights
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    for (name, saved), want in zip(loaded.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(saved, want, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("builder", [build_tiny_llama, build_tiny_qwen2])
+def test_lora_decodes_as_peft_on_off_merged_and_after_new_weights(builder, monkeypatch):
+    modes = []
+    real_run = Stack.run
+    monkeypatch.setattr(
+        Stack, "run", lambda self, x, mode: modes.append(mode) or real_run(self, x, mode)
+    )
+    model = with_lora(sharpened(builder))
+    reference = copy.deepcopy(model)  # keeps PEFT's own forward and separate weights
+    expected = plain(reference)
+    assert fast(model) == expected
+    stacks = stacks_of(model)
+    assert len(stacks) == 4 * 2 and all(s.loaded == "default" and s.rank for s in stacks)
+    assert modes == ["lora"] * len(stacks) * (PARAMS.max_new_tokens - 1)  # every one-token step
+    with model.disable_adapter(), reference.disable_adapter():
+        base = plain(reference)
+        assert fast(model) == base != expected
+    assert modes.count("base") == len(stacks) * (PARAMS.max_new_tokens - 1)
+    model.merge_adapter()
+    model.unmerge_adapter()
+    assert all(s.intact() for s in stacks)  # merging wrote into the buffer, in place
+    torch.manual_seed(11)
+    with torch.no_grad():  # new adapter weights, as a reload writes them
+        for (name, param), (_, twin) in zip(model.named_parameters(), reference.named_parameters()):
+            if "lora_" in name:
+                param.copy_(torch.randn_like(param) * 0.4)
+                twin.copy_(param)
+    changed = plain(reference)
+    assert changed != expected and fast(model) == changed
+
+
+def test_merge_then_decode_equals_the_merged_reference():
+    model = with_lora(sharpened(build_tiny_qwen2))
+    reference = copy.deepcopy(model)
+    fast(model)
+    model.merge_adapter()
+    reference.merge_adapter()
+    assert fast(model) == plain(reference)
+
+
+def test_training_after_a_stacked_decode_gives_the_same_gradients():
+    """The buffers are built under inference mode but are no inference tensors: the model still
+    trains, and its gradients are those of the unstacked twin."""
+    model = with_lora(sharpened(build_tiny_llama))
+    reference = copy.deepcopy(model)
+    fast(model)
+    unfuse_lora(model)
+    batch = {
+        "input_ids": torch.tensor([PROMPT * 2]),
+        "labels": torch.tensor([PROMPT * 2]),
+    }
+    grads = []
+    for m in (model, reference):
+        m.train()
+        accumulate_gradients(m, [batch])
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, grad in grads[1].items():
+        torch.testing.assert_close(grads[0][name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_base_stack_is_released_when_an_adapter_model_restacks_it():
+    """The bench's order: the base model decodes, then gets an adapter and decodes again. The
+    base model's stacks go (no second copy of the weights), and with them its graphs."""
+    from selftune.kernels import lora
+
+    model = sharpened(build_tiny_qwen2)
+    reference = with_lora(copy.deepcopy(model))
+    fast(model)
+    old = stacks_of(model)
+    tuned = with_lora(model)
+    with torch.no_grad():  # the same adapter on the twin
+        for (name, param), (_, twin) in zip(tuned.named_parameters(), reference.named_parameters()):
+            if "lora_" in name:
+                twin.copy_(param)
+    routings = lora.ROUTINGS[0]
+    assert fast(tuned) == plain(reference)
+    assert all(s.released and s.weight.numel() == 0 for s in old)
+    assert lora.ROUTINGS[0] > routings  # every decoder drops what it captured over them
+    attention = tuned.base_model.model.model.layers[0].self_attn
+    (qkv,) = [s for s in stacks_of(tuned) if attention.q_proj in s.modules]
+    assert attention.v_proj.base_layer.weight.data_ptr() == qkv.weight[sum(qkv.outs[:2])].data_ptr()
+    assert lora_groups(tuned)  # grouped LoRA under the stacks, for prompts
+
+
+def test_a_second_decoder_reuses_and_reroutes_the_stacks(monkeypatch):
+    """A new decoder on a stacked model (after training undid the routing) takes the same
+    stacks and routes them again over the new grouped-LoRA forwards."""
+    model = with_lora(sharpened(build_tiny_llama))
+    reference = copy.deepcopy(model)
+    fast(model)
+    first = stacks_of(model)
+    unfuse_lora(model)  # what training's disable_fast_path does
+    model._selftune_static_decoder = None
+    modes = []
+    real_run = Stack.run
+    monkeypatch.setattr(
+        Stack, "run", lambda self, x, mode: modes.append(mode) or real_run(self, x, mode)
+    )
+    assert fast(model) == plain(reference)
+    assert stacks_of(model) == first and modes and set(modes) == {"lora"}
