@@ -121,9 +121,7 @@ def forced_logits(model, prompt: list[int], answer: list[int], static: bool) -> 
         got = [decoder.prefill(bucket, prompt)[0].float()]
         for token in answer[:-1]:
             bucket.token.fill_(token)
-            got.append(
-                decoder.replay(bucket, static_decode.adapter_state(model))[0][0].float().clone()
-            )
+            got.append(decoder.replay(bucket, decoder.state())[0][0].float().clone())
         return torch.stack(got)
     cache = {cache_keyword(model): DynamicCache()}
     ids = torch.tensor([prompt], device=model.device)

@@ -244,7 +244,8 @@ def parse_variant(text: str) -> tuple[int, int | None]:
 
 
 def profile_step(model, batches) -> None:
-    """Print the 40 operators and kernels that take the most GPU time in one selftune step."""
+    """Print the 40 operators and kernels that take the most GPU time in one selftune step,
+    then the 25 that take the most host time."""
     from torch.profiler import ProfilerActivity, profile
 
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
@@ -253,7 +254,10 @@ def profile_step(model, batches) -> None:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         selftune_step(model, batches, optimizer)
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40), flush=True)
+    events = prof.key_averages()
+    print(events.table(sort_by="self_cuda_time_total", row_limit=40), flush=True)
+    # host time: a short step is bound by it (the tutorial's 350-token packs)
+    print(events.table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
 
 
 def case_seq(config, device, vocab, seq, steps, results, name, stock_ckpt, variants):
@@ -319,6 +323,8 @@ def case_recipe(config, device, vocab, results, name, examples, epochs, rows_per
     plan = [ours[0]] + ours * epochs  # one warm-up step, then the whole run
     record = timed(selftune_step, model, plan, 1)
     record["total_s"] = record["seconds"]
+    if PROFILE and device == "cuda":
+        profile_step(model, ours[0])
     results[name + "/selftune"] = emit(
         {
             "case": name,

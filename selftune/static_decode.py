@@ -139,6 +139,9 @@ class StaticDecoder:
         up to date."""
         from selftune.kernels import lora, stacked
 
+        for stack in self.stacks or []:
+            if not stack.released and not stack.intact():  # its weights moved (a safe merge,
+                stack.release()  # `.to()`, FSDP): free the buffer, drop graphs over it
         if self.routing != lora.ROUTINGS[0]:
             groups = lora.lora_groups(self.model)
             if not groups and self.fast and hasattr(self.model, "peft_config"):
@@ -146,6 +149,7 @@ class StaticDecoder:
                 groups = lora.lora_groups(self.model)
             if self.stacks is None:
                 self.stacks = stacked.stack_projections(self.model) if self.fast else []
+            self.stacks = [stack for stack in self.stacks if not stack.released]
             stacked.route(self.stacks)
             self.steps.clear()
             self.routing = lora.ROUTINGS[0]
@@ -154,6 +158,14 @@ class StaticDecoder:
             group.refresh()
         for stack in self.stacks:
             stack.refresh()
+
+    def state(self) -> tuple:
+        """The key of a captured step besides its bucket: the adapter state, and what the
+        graph reads through grouped LoRA and the stacks (a re-added adapter of another rank
+        lands in new buffers; the old graph must not replay over them)."""
+        routed = tuple(g.signature() for g in self.lora_groups)
+        routed += tuple(s.signature() for s in self.stacks or [])
+        return adapter_state(self.model), routed
 
     def bucket(self, length: int) -> Bucket:
         if length not in self.buckets:
@@ -270,7 +282,11 @@ class StaticDecoder:
 
 def decoder_for(model: Any) -> StaticDecoder:
     decoder = getattr(model, "_selftune_static_decoder", None)
-    if decoder is None or decoder.model is not model:  # PEFT passes attributes through
+    if decoder is not None and decoder.model is not model:  # PEFT passes attributes through:
+        decoder.buckets.clear()  # the wrapped model's decoder; free its caches and graphs
+        decoder.steps.clear()
+        decoder = None
+    if decoder is None:
         on_gpu = next(model.parameters()).is_cuda
         if on_gpu:
             from selftune.fast_path import apply_liger
@@ -284,7 +300,12 @@ def decoder_for(model: Any) -> StaticDecoder:
 
 
 def disable(model: Any) -> None:
-    """Keep this model on the plain loop from now on."""
+    """Keep this model on the plain loop from now on (with its modules' own forwards)."""
+    decoder = getattr(model, "_selftune_static_decoder", None)
+    if isinstance(decoder, StaticDecoder):
+        for stack in decoder.stacks or []:
+            if not stack.released:
+                stack.release()
     model._selftune_static_decoder = False
 
 
@@ -317,7 +338,7 @@ def static_steps(
         return
     decoder = decoder_for(model)
     decoder.prepare()
-    state = adapter_state(model)  # adapters do not change within one answer
+    state = decoder.state()  # adapters do not change within one answer
     bucket = decoder.bucket(bucket_length(len(prompt) + min(params.max_new_tokens, LOOKAHEAD) + 2))
     logits = decoder.prefill(bucket, prompt)
     greedy = params.temperature <= 0 and params.repetition_penalty == 1.0

@@ -186,6 +186,14 @@ class LoraGroup:
             self.lowrank_key[slot] = key
         return self.lowrank[slot]
 
+    def signature(self) -> tuple:
+        """The addresses and shapes of the no-grad adapters a decode graph reads."""
+        name = self.adapter()
+        cached = self.lowrank.get((name, False, True)) if name is not None else None
+        if cached is None:
+            return (name,)
+        return (name, *((t.data_ptr(), tuple(t.shape)) for t in (cached[0], *cached[1])))
+
     def refresh(self) -> None:
         """Bring the no-grad adapters up to date: before a captured decode graph replays, since
         a replay runs no Python that would notice new adapter weights."""

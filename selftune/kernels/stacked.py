@@ -39,6 +39,7 @@ class Stack:
     rank: int  # A rows the buffer holds (0 without LoRA)
     b_block: torch.Tensor | None  # (sum of outputs, rank): each s * B on its own block
     loaded: str | None = None  # the adapter whose A rows and Bs are in the buffers
+    loaded_key: tuple = ()
     released: bool = False
     last_input: torch.Tensor | None = None
     outputs: list[torch.Tensor] = field(default_factory=list)
@@ -77,13 +78,33 @@ class Stack:
         """'lora', 'base' (adapters off, merged or absent) or None (the module's own forward)."""
         if not self.intact():
             return None
-        first = self.modules[0]
-        if not hasattr(first, "lora_A"):
+        lora_layers = [hasattr(m, "lora_A") for m in self.modules]
+        if not any(lora_layers):
             return "base"
+        if not all(lora_layers):  # stack_projections never mixes them; be safe all the same
+            return None
+        first = self.modules[0]
         if first.disable_adapters or first.merged or not first.active_adapters:
             # PEFT's forward is the base layer's alone then
             return "base" if all(m.disable_adapters or m.merged for m in self.modules) else None
+        if self.loaded is not None and self.loaded_key != self.adapter_key(self.loaded):
+            self.refresh()  # the adapter changed since `refresh` (an eager step notices)
         return "lora" if self.loaded is not None and self.loaded == active(self) else None
+
+    def adapter_key(self, name: str) -> tuple:
+        """What the copied rows depend on: the adapter weights' addresses and versions, their
+        scales and the optimizer steps taken (updates through `.data` move no version)."""
+        key: list = [lora.OPTIMIZER_STEPS[0]]
+        for m in self.modules:
+            a, b = m.lora_A[name].weight, m.lora_B[name].weight
+            key += [a.data_ptr(), a._version, b.data_ptr(), b._version, float(m.scaling[name])]
+        return tuple(key)
+
+    def signature(self) -> tuple:
+        """What a graph captured over this stack read: its path and its buffers' addresses."""
+        if not self.intact():
+            return ("own forward",)
+        return (self.loaded, self.weight.data_ptr())
 
     def refresh(self) -> None:
         """Copy the active adapter's A rows and scaled Bs in (in place), when they fit."""
@@ -103,7 +124,7 @@ class Stack:
                 b = m.lora_B[name].weight * float(m.scaling[name])
                 self.b_block[row : row + out, col : col + w.shape[0]].copy_(b)
                 row, col = row + out, col + w.shape[0]
-        self.loaded = name
+        self.loaded, self.loaded_key = name, self.adapter_key(name)
 
     def run(self, x: torch.Tensor, mode: str) -> list[torch.Tensor]:
         y = F.linear(x, self.weight, self.bias)
@@ -189,8 +210,12 @@ def stack_projections(model: Any) -> list[Stack]:
     stacks: list[Stack] = []
     for parent in model.modules():
         children = dict(parent.named_children())
-        names = [[n for n in g if n in children] for g in SHARED_INPUT]
-        names = [g for g in names if len(g) > 1]
+        names = []
+        for group in SHARED_INPUT:  # LoRA layers and plain ones apart (q/v adapted, k not)
+            present = [n for n in group if n in children]
+            adapted = [n for n in present if hasattr(children[n], "lora_A")]
+            plain = [n for n in present if n not in adapted]
+            names += [g for g in (adapted, plain) if len(g) > 1 or (g and g is adapted)]
         names += [[n] for n in SINGLE if n in children and hasattr(children[n], "lora_A")]
         for group in names:
             modules = [children[n] for n in group]

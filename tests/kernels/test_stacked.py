@@ -123,8 +123,7 @@ def test_training_after_a_stacked_decode_gives_the_same_gradients():
     trains, and its gradients are those of the unstacked twin."""
     model = with_lora(sharpened(build_tiny_llama))
     reference = copy.deepcopy(model)
-    fast(model)
-    unfuse_lora(model)
+    fast(model)  # grouped LoRA and the stacks stay routed: training takes their fallbacks
     batch = {
         "input_ids": torch.tensor([PROMPT * 2]),
         "labels": torch.tensor([PROMPT * 2]),
@@ -179,3 +178,94 @@ def test_a_second_decoder_reuses_and_reroutes_the_stacks(monkeypatch):
     )
     assert fast(model) == plain(reference)
     assert stacks_of(model) == first and modes and set(modes) == {"lora"}
+
+
+@pytest.mark.parametrize(
+    "targets", [["up_proj", "down_proj"], ["q_proj", "v_proj"], ["k_proj", "v_proj", "o_proj"]]
+)
+def test_adapters_on_some_projections_only(targets):
+    """LoRA layers and plain ones of one input are stacked apart (PEFT's Llama default adapts
+    q and v alone): on, and off as the server's base requests run it."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(sharpened(build_tiny_qwen2), LoraConfig(r=4, target_modules=targets))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    model.eval()
+    reference = copy.deepcopy(model)
+    assert fast(model) == plain(reference)
+    for stack in stacks_of(model):
+        assert len({hasattr(m, "lora_A") for m in stack.modules}) == 1
+    with model.disable_adapter(), reference.disable_adapter():
+        assert fast(model) == plain(reference)
+
+
+def test_switching_adapters_per_answer_as_the_server_does():
+    """Two adapters (one of another rank), switched with set_adapter between answers."""
+    from peft import LoraConfig
+
+    model = with_lora(sharpened(build_tiny_llama))
+    model.add_adapter("other", LoraConfig(r=4, target_modules="all-linear"))
+    model.add_adapter("wide", LoraConfig(r=6, target_modules="all-linear"))
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    reference = copy.deepcopy(model)
+    answers = {}
+    for name in ["default", "other", "wide", "default", "other"]:
+        model.set_adapter(name)
+        reference.set_adapter(name)
+        want = plain(reference)
+        assert fast(model) == want, name
+        answers.setdefault(name, want)
+        assert answers[name] == want
+    assert len({tuple(a) for a in answers.values()}) == 3
+    # "wide" has other ranks than the buffers hold: it runs through grouped LoRA instead
+    steps = model._selftune_static_decoder.steps
+    assert len({key[1] for key in steps}) == 3
+    # "other" again under the same name at another rank: what a graph of it read moved, so a
+    # new step is captured (on a GPU the old graph would replay over freed buffers)
+    for m in (model, reference):
+        m.delete_adapter("other")
+        m.add_adapter("other", LoraConfig(r=2, target_modules="all-linear"))
+        m.set_adapter("other")
+    with torch.no_grad():
+        for (name, param), (_, twin) in zip(model.named_parameters(), reference.named_parameters()):
+            if ".other." in name:  # (A drew other random numbers on each model)
+                param.normal_(0, 0.5)
+                twin.copy_(param)
+    assert fast(model) == plain(reference)
+    others = [key for key in steps if key[1][0][2] == ("other",)]
+    assert len(others) == 2
+
+
+def test_a_one_token_forward_after_an_update_reads_the_new_adapter():
+    """Outside `prepare` (an eager one-token forward after the adapter moved) the stacks
+    notice the new weights themselves."""
+    model = with_lora(sharpened(build_tiny_qwen2))
+    reference = copy.deepcopy(model)
+    fast(model)
+    with torch.no_grad():
+        for (name, param), (_, twin) in zip(model.named_parameters(), reference.named_parameters()):
+            if "lora_B" in name:
+                param.mul_(-1.5)
+                twin.copy_(param)
+        ids = torch.tensor([[PROMPT[0]]])
+        torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+def test_a_safe_merge_moves_the_weights_and_the_stacks_go():
+    model = with_lora(sharpened(build_tiny_llama))
+    reference = copy.deepcopy(model)
+    fast(model)
+    stacks = stacks_of(model)
+    model.merge_adapter(safe_merge=True)  # PEFT replaces each weight's .data: no views left
+    reference.merge_adapter(safe_merge=True)
+    assert not any(s.intact() for s in stacks)
+    assert fast(model) == plain(reference)
+    assert all(s.released for s in stacks) and stacks_of(model) == []
