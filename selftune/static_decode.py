@@ -131,6 +131,7 @@ class StaticDecoder:
         self.pool = torch.cuda.graph_pool_handle() if use_graphs else None
         self.routing = -1  # kernels.lora.ROUTINGS when the steps were captured
         self.lora_groups: list[Any] = []
+        self.signatures: dict[tuple, int] = {}  # what captured steps read -> a short key
 
     def prepare(self) -> None:
         """Before an answer: route the LoRA layers through grouped LoRA (an eighth of PEFT's
@@ -165,7 +166,8 @@ class StaticDecoder:
         lands in new buffers; the old graph must not replay over them)."""
         routed = tuple(g.signature() for g in self.lora_groups)
         routed += tuple(s.signature() for s in self.stacks or [])
-        return adapter_state(self.model), routed
+        # a small number per distinct signature: the key is hashed twice per token
+        return adapter_state(self.model), self.signatures.setdefault(routed, len(self.signatures))
 
     def bucket(self, length: int) -> Bucket:
         if length not in self.buckets:
