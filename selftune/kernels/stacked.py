@@ -109,6 +109,8 @@ class Stack:
     def refresh(self) -> None:
         """Copy the active adapter's A rows and scaled Bs in (in place), when they fit."""
         name = active(self) if self.rank else None
+        if name is not None and name == self.loaded and self.loaded_key == self.adapter_key(name):
+            return  # in the buffers already (each answer asks; a copy is ~8 launches a stack)
         self.loaded = None
         if name is None or not self.intact():
             return
