@@ -159,8 +159,7 @@ class LoraGroup:
     def run(self, x: torch.Tensor, name: str) -> list[torch.Tensor]:
         weights = [m.base_layer.weight for m in self.modules]
         biases = [m.base_layer.bias for m in self.modules]
-        adapters = [m.lora_A[name].weight for m in self.modules]
-        adapters += [m.lora_B[name].weight for m in self.modules]
+        adapters = self.adapter_weights(name)
         lowrank = self.current_lowrank(name, adapters, x.device.type)
         if not torch.is_grad_enabled():  # decode: no autograd record, no dropout
             a_all, b_scaled, _ = lowrank
@@ -168,6 +167,12 @@ class LoraGroup:
         training = self.modules[0].training
         p = dropout_rate(self.modules[0], name) if training else 0.0
         return list(GroupedLora.apply(x, p, lowrank, *weights, *biases, *adapters))
+
+    def adapter_weights(self, name: str) -> list[torch.Tensor]:
+        """Every member's A, then every member's B."""
+        return [m.lora_A[name].weight for m in self.modules] + [
+            m.lora_B[name].weight for m in self.modules
+        ]
 
     def current_lowrank(self, name: str, adapters: list[torch.Tensor], device_type: str) -> tuple:
         """Cast and stack the adapters once per optimizer step, not once per call: the key holds
@@ -200,8 +205,7 @@ class LoraGroup:
         name = self.adapter()
         if name is None:
             return
-        adapters = [m.lora_A[name].weight for m in self.modules]
-        adapters += [m.lora_B[name].weight for m in self.modules]
+        adapters = self.adapter_weights(name)
         with torch.no_grad():
             self.current_lowrank(name, adapters, adapters[0].device.type)
 

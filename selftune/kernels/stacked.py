@@ -51,7 +51,7 @@ class Stack:
         for module in self.modules:
             forward = module.__dict__.get("forward")
             if getattr(forward, "_selftune_stacked", False):
-                if forward._selftune_fallback_is_class:
+                if forward._selftune_fallback is None:  # the class's own forward
                     del module.forward
                 else:
                     module.forward = forward._selftune_fallback
@@ -89,7 +89,11 @@ class Stack:
             return "base" if all(m.disable_adapters or m.merged for m in self.modules) else None
         if self.loaded is not None and self.loaded_key != self.adapter_key(self.loaded):
             self.refresh()  # the adapter changed since `refresh` (an eager step notices)
-        return "lora" if self.loaded is not None and self.loaded == active(self) else None
+        return (
+            "lora"
+            if self.loaded is not None and self.loaded == shared_adapter(self.modules)
+            else None
+        )
 
     def adapter_key(self, name: str) -> tuple:
         """What the copied rows depend on: the adapter weights' addresses and versions, their
@@ -108,7 +112,7 @@ class Stack:
 
     def refresh(self) -> None:
         """Copy the active adapter's A rows and scaled Bs in (in place), when they fit."""
-        name = active(self) if self.rank else None
+        name = shared_adapter(self.modules) if self.rank else None
         if name is not None and name == self.loaded and self.loaded_key == self.adapter_key(name):
             return  # in the buffers already (each answer asks; a copy is ~8 launches a stack)
         self.loaded = None
@@ -158,10 +162,6 @@ class Stack:
         return self.outputs[index]
 
 
-def active(stack: Stack) -> str | None:
-    return shared_adapter(stack.modules)
-
-
 def base_linear(module: Any) -> torch.nn.Linear | None:
     base = getattr(module, "base_layer", module)
     return base if type(base) is torch.nn.Linear else None
@@ -194,14 +194,13 @@ def build(modules: list[Any]) -> Stack | None:
                 b.bias if b.bias is not None else like.new_zeros(o) for b, o in zip(bases, outs)
             ]
             bias = torch.cat([*parts, like.new_zeros(rank)])
+        b_block = like.new_zeros(sum(outs), rank) if rank else None
         start = 0
         for b, out in zip(bases, outs):
             b.weight.data = weight[start : start + out]
             if b.bias is not None:
                 b.bias.data = bias[start : start + out]
             start += out
-    with torch.inference_mode(False):
-        b_block = like.new_zeros(sum(outs), rank) if rank else None
     return Stack(modules, weight, bias, outs, rank, b_block)
 
 
@@ -258,5 +257,4 @@ def _bound(stack: Stack, index: int, previous: Any):
 
     forward._selftune_stacked = True
     forward._selftune_fallback = previous
-    forward._selftune_fallback_is_class = previous is None
     return forward

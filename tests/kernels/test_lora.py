@@ -142,20 +142,27 @@ def test_bf16_autocast_returns_float32_gradients_to_float32_adapters():
     assert all(float(g.abs().sum()) > 0 for g in grads)
 
 
-def test_each_optimizer_step_sees_the_updated_adapters():
-    """The cast adapters are cached between calls: an in-place update must refresh them."""
+def peft_and_fused_losses(builder, make_optimizer, steps) -> dict[bool, list[float]]:
+    """Each step's loss, PEFT's forward (False) and grouped LoRA (True), from the same start."""
     losses = {}
     for fused in (False, True):
-        model = lora_model(build_tiny_qwen2)
+        model = lora_model(builder)
         if fused:
             fuse_lora(model)
-        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
         losses[fused] = []
-        for step in range(3):
-            loss, _, _ = accumulate_gradients(model, [packed_batch([8, 11], seed=step)])
+        for batch in steps:
+            loss, _, _ = accumulate_gradients(model, [batch])
             optimizer.step()
             optimizer.zero_grad()
             losses[fused].append(loss)
+    return losses
+
+
+def test_each_optimizer_step_sees_the_updated_adapters():
+    """The cast adapters are cached between calls: an in-place update must refresh them."""
+    steps = [packed_batch([8, 11], seed=step) for step in range(3)]
+    losses = peft_and_fused_losses(build_tiny_qwen2, lambda ps: torch.optim.SGD(ps, lr=0.5), steps)
     assert losses[False][2] != losses[False][0]
     for peft_loss, fused_loss in zip(losses[False], losses[True]):
         assert abs(fused_loss - peft_loss) <= 1e-5 * abs(peft_loss)
@@ -173,18 +180,7 @@ def test_an_update_through_data_refreshes_the_cast_adapters():
                 for p in group["params"]:
                     p.data.add_(p.grad, alpha=-group["lr"])
 
-    losses = {}
-    for fused in (False, True):
-        model = lora_model(build_tiny_llama)
-        if fused:
-            fuse_lora(model)
-        optimizer = DataSGD([p for p in model.parameters() if p.requires_grad])
-        losses[fused] = []
-        for _ in range(2):
-            loss, _, _ = accumulate_gradients(model, [packed_batch([8, 11])])
-            optimizer.step()
-            optimizer.zero_grad()
-            losses[fused].append(loss)
+    losses = peft_and_fused_losses(build_tiny_llama, DataSGD, [packed_batch([8, 11])] * 2)
     assert losses[False][1] != losses[False][0]
     for peft_loss, fused_loss in zip(losses[False], losses[True]):
         assert abs(fused_loss - peft_loss) <= 1e-5 * abs(peft_loss)
