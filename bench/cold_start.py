@@ -100,7 +100,10 @@ def main() -> None:
             report["steps"] = steps[-1]["step"]
             report["peak_gib"] = steps[-1].get("memory_gib")
     report["checkpoints"] = [p.name for p in output.glob("*/checkpoint-*")]
-    report["fast_path_log"] = [line for line in done.stderr.splitlines() if "fast path" in line]
+    said = ("fast path", "cuda graphs", "memory:")
+    report["fast_path_log"] = [
+        line for line in done.stderr.splitlines() if any(s in line for s in said)
+    ]
     print(json.dumps(report), flush=True)
 
 

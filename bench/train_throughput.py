@@ -16,6 +16,7 @@ object per measurement and a final JSON summary with the ratios. Cases:
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import math
@@ -40,6 +41,7 @@ from selftune.train import to_device  # noqa: E402
 USE_LIGER = True
 USE_VARLEN = True
 USE_GROUPED_LORA = True
+USE_GRAPHS = True
 PROFILE = False
 
 
@@ -168,23 +170,37 @@ def stock_step(model, micro_batches, optimizer) -> int:
     return tokens
 
 
-def selftune_step(model, micro_batches, optimizer) -> int:
+def selftune_step(model, micro_batches, optimizer, graphs=None) -> int:
     from selftune.train import accumulate_gradients
 
-    accumulate_gradients(model, micro_batches)
+    accumulate_gradients(model, micro_batches, graphs=graphs)
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return sum(int(b["input_ids"].numel()) for b in micro_batches)
+    optimizer.zero_grad(set_to_none=graphs is None)
+    return sum(int(b["input_ids"].numel()) - b.get("pad_tokens", 0) for b in micro_batches)
 
 
-def timed(step, model, steps_batches, warmup: int):
+def step_graphs(model, device: str):
+    """CUDA graphs for the passes, as `selftune sft` takes them (train.step_graphs_fit)."""
+    from selftune.step_graphs import StepGraphs
+    from selftune.train import batch_loss
+
+    if not USE_GRAPHS or device != "cuda":
+        return None
+    params = [p for p in model.parameters() if p.requires_grad]
+    return StepGraphs(lambda batch: batch_loss(model, batch), model, params)
+
+
+def timed(step, model, steps_batches, warmup: int, graphs=None):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     torch.cuda.synchronize() if torch.cuda.is_available() else None
+    if graphs is not None:
+        step = functools.partial(step, graphs=graphs)
+    if torch.cuda.is_available():  # from before the warm-up: a graph's memory is taken there
+        torch.cuda.reset_peak_memory_stats()
     for batches in steps_batches[:warmup]:
         step(model, batches, optimizer)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     tokens = 0
     for batches in steps_batches[warmup:]:
@@ -193,13 +209,21 @@ def timed(step, model, steps_batches, warmup: int):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     measured = max(1, len(steps_batches) - warmup)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+    cuda = torch.cuda.is_available()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    reserved = torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0
     return {
         "tokens_per_s": round(tokens / seconds, 1),
         "step_s": round(seconds / measured, 4),
         "seconds": round(seconds, 3),
         "steps": measured,
         "peak_gib": round(peak, 2),
+        "reserved_gib": round(reserved, 2),
+        **(
+            {"graphs": len(graphs.graphs), "replays": graphs.replays, "failure": graphs.failure}
+            if graphs
+            else {}
+        ),
     }
 
 
@@ -226,7 +250,8 @@ def fresh(config: str, device: str, impl: str, checkpoint_layers, packing: bool,
             grouped_lora=USE_GROUPED_LORA,
         )
         if checkpoint_layers == "auto":
-            checkpoint_layers, said = choose_checkpointing(base, None, device, tokens)
+            held = 1 + (USE_GRAPHS and device == "cuda")  # as `selftune sft` plans it
+            checkpoint_layers, said = choose_checkpointing(base, None, device, tokens, held)
             enabled.append(said)
         set_checkpointing(base, checkpoint_layers)
         return model, enabled
@@ -278,8 +303,10 @@ def case_seq(config, device, vocab, seq, steps, results, name, stock_ckpt, varia
     del model
     for rows_per_pack, layers in variants:
         model, enabled = fresh(config, device, "selftune", layers, True)
+        graphs = step_graphs(model, device)
+        prepare = graphs.prepare if graphs is not None else (lambda batch: batch)
         used = examples[: (steps + 2) * rows_per_pack]
-        packs = [to_device(b, device) for b in packed(used, seq * rows_per_pack)]
+        packs = [to_device(prepare(b), device) for b in packed(used, seq * rows_per_pack)]
         key = f"{name}/selftune/{rows_per_pack}:{'all' if layers is None else layers}"
         record = {
             "case": name,
@@ -289,13 +316,13 @@ def case_seq(config, device, vocab, seq, steps, results, name, stock_ckpt, varia
             "rows_per_pack": rows_per_pack,
         }
         try:
-            record.update(timed(selftune_step, model, [[p] for p in packs], 2))
+            record.update(timed(selftune_step, model, [[p] for p in packs], 2, graphs))
             if PROFILE and device == "cuda":
                 profile_step(model, [packs[0]])
         except torch.OutOfMemoryError:
             record["error"] = "out of memory"
         results[key] = emit(record)
-        del model, packs
+        del model, packs, graphs
 
 
 def case_recipe(config, device, vocab, results, name, examples, epochs, rows_per_step, stock_steps):
@@ -316,12 +343,14 @@ def case_recipe(config, device, vocab, results, name, examples, epochs, rows_per
     ours = []  # as `selftune sft` on a GPU: each step's rows packed as batches.StepRows
     budget = step_pack_tokens(2048, 1, checkpointing=True)
     for i in range(0, len(examples), rows_per_step):
-        group = assemble([StepRows([e], budget) for e in examples[i : i + rows_per_step]])
-        ours.append([to_device(b, device) for b in group])
+        ours.append(assemble([StepRows([e], budget) for e in examples[i : i + rows_per_step]]))
     largest = max(int(b["input_ids"].numel()) for group in ours for b in group)
     model, enabled = fresh(config, device, "selftune", "auto", True, largest)
+    graphs = step_graphs(model, device)
+    prepare = graphs.prepare if graphs is not None else (lambda batch: batch)
+    ours = [[to_device(prepare(b), device) for b in group] for group in ours]
     plan = [ours[0]] + ours * epochs  # one warm-up step, then the whole run
-    record = timed(selftune_step, model, plan, 1)
+    record = timed(selftune_step, model, plan, 1, graphs)
     record["total_s"] = record["seconds"]
     if PROFILE and device == "cuda":
         profile_step(model, ours[0])
@@ -354,11 +383,13 @@ def main() -> None:
     parser.add_argument("--best", nargs="+", default=["1:0", "2:10"], help="best-case variants")
     parser.add_argument("--no_liger", action="store_true")
     parser.add_argument("--no_grouped_lora", action="store_true")
+    parser.add_argument("--no_graphs", action="store_true", help="every pass eager")
     parser.add_argument("--profile", action="store_true", help="kernel table of a selftune step")
     parser.add_argument("--no_varlen", action="store_true")
     parser.add_argument("--qlora", action="store_true", help="add the 4-bit QLoRA case")
     args = parser.parse_args()
-    global USE_LIGER, USE_VARLEN, USE_GROUPED_LORA, PROFILE
+    global USE_LIGER, USE_VARLEN, USE_GROUPED_LORA, PROFILE, USE_GRAPHS
+    USE_GRAPHS = not args.no_graphs
     USE_LIGER, USE_VARLEN = not args.no_liger, not args.no_varlen
     USE_GROUPED_LORA, PROFILE = not args.no_grouped_lora, args.profile
     device = "cuda" if torch.cuda.is_available() else "cpu"

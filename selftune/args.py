@@ -173,6 +173,11 @@ class TrainArgs:
     )
     resume_from_checkpoint: str | None = _help("checkpoint folder to continue from", default=None)
     packing: bool = _help("pack short rows into max_length sequences", default=False)
+    cuda_graphs: bool = _help(
+        "replay recurring micro-batch shapes as CUDA graphs (CUDA, one process, LoRA): short "
+        "packs are bound by the host's kernel launches",
+        default=True,
+    )
     dataloader_num_workers: int = _help(
         "accepted for ms-swift compatibility (data is pre-tokenised)", default=0
     )

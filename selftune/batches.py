@@ -6,10 +6,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from selftune.data.encode import Example
 from selftune.data.pack import PackedBatch, pack_examples, pad_batch
 
 Batch = dict[str, Any]
+HOST_ONLY = ("label_tokens", "pad_tokens")  # counts for the loop: no model input, no graph key
 
 
 def packed_batch(pack: PackedBatch) -> Batch:
@@ -27,7 +30,25 @@ def packed_batch(pack: PackedBatch) -> Batch:
     }
     if pack.teacher is not None:
         batch["teacher_ids"], batch["teacher_probs"] = pack.teacher
-    return batch
+    return with_label_index(batch)
+
+
+def label_index(labels: torch.Tensor) -> torch.Tensor:
+    """Flat positions (row x width + column) of the tokens whose next token is a label: where
+    the loss reads logits. Found on the host, before the batch goes to the GPU, so the loss picks
+    them with an index instead of a boolean mask, whose size the GPU would have to report."""
+    width = labels.shape[-1]
+    rows, columns = torch.nonzero(labels[:, 1:] != -100, as_tuple=True)
+    return rows * width + columns
+
+
+def with_label_index(batch: Batch) -> Batch:
+    """The batch with its `label_index` and `label_tokens` (the count of real labels, which a
+    padded index would overstate)."""
+    if "label_index" in batch or batch["labels"].device.type != "cpu":
+        return batch
+    index = label_index(batch["labels"])
+    return {**batch, "label_index": index, "label_tokens": len(index)}
 
 
 def packed(examples: list[Example], max_tokens: int) -> list[Batch]:

@@ -22,7 +22,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from selftune.batches import StepRows, assemble, largest_micro_batch
+from selftune.batches import (
+    HOST_ONLY,
+    StepRows,
+    assemble,
+    label_index,
+    largest_micro_batch,
+    with_label_index,
+)
 from selftune.checkpoint import (
     TrainingState,
     list_checkpoints,
@@ -39,9 +46,11 @@ from selftune.fast_path import (
     set_checkpointing,
 )
 from selftune.kernels.linear_ce import linear_cross_entropy
+from selftune.step_graphs import StepGraphs
 
 log = logging.getLogger(__name__)
 TEACHER_KEYS = ("teacher_ids", "teacher_probs")  # replay targets, not model inputs
+NOT_INPUTS = ("labels", "label_index", *HOST_ONLY, *TEACHER_KEYS)
 LOGIT_CHUNK = 4096  # label positions per lm_head chunk: bounds the logits held at once
 
 
@@ -164,47 +173,71 @@ def wrap_model(model: Any, args: Any) -> Any:
         raise SelftuneError(f"--target_modules {' '.join(targets)}: {exc}") from exc
 
 
+def step_graphs_fit(args: Any, device: str, several: bool, dtype: torch.dtype) -> bool:
+    """Whether training passes may replay as CUDA graphs: LoRA on one CUDA device, weights
+    already in the compute dtype (autocast's weight cache outlives a capture). Checkpointed
+    layers replay too: their recompute draws the forward's dropout masks again
+    (tests/test_step_graphs.py, on a GPU)."""
+    return (
+        bool(getattr(args, "cuda_graphs", True))
+        and device.startswith("cuda")
+        and not several
+        and getattr(args, "train_type", "lora") == "lora"
+        and dtype != torch.float32
+    )
+
+
 def causal_lm(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def batch_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
-    """Sum of token losses over label positions, their count, and correct argmaxes. The loss is
-    cross-entropy, or where the batch carries the base's probabilities (replay rows) the KL
-    divergence from them (selftune.distill). Logits are computed only at label positions;
-    through a frozen head (LoRA) chunk by chunk without keeping them for backward."""
+def batch_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, Any]:
+    """Sum of token losses over label positions, their count, and correct argmaxes (a tensor,
+    or an int where counting needed the host). The loss is cross-entropy, or where the batch
+    carries the base's probabilities (replay rows) the KL divergence from them
+    (selftune.distill). Logits are computed only at label positions, picked by the batch's
+    `label_index` (batches.label_index; found here when absent); through a frozen head (LoRA)
+    chunk by chunk without keeping them for backward. With `label_index` and no replay rows
+    nothing here waits for the GPU, so a CUDA graph can hold it (selftune.step_graphs)."""
     lm = causal_lm(model)
     labels = batch["labels"]
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", *TEACHER_KEYS)}
-    targets = labels[:, 1:]
-    mask = targets != -100
-    flat_targets = targets[mask]
+    inputs = {k: v for k, v in batch.items() if k not in NOT_INPUTS}
+    positions = batch.get("label_index")
+    if positions is None:
+        positions = label_index(labels).to(labels.device)
+    targets_at = positions + 1  # position i predicts the token at i + 1 (same row)
+
+    def at_labels(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.flatten(0, 1)[targets_at]
+
+    flat_targets = at_labels(labels)
+    count = batch.get("label_tokens", len(flat_targets))  # padding adds ignored positions
     soft = None
     if "teacher_probs" in batch:
-        teacher_ids = batch["teacher_ids"][:, 1:][mask]
-        teacher_probs = batch["teacher_probs"][:, 1:][mask]
+        teacher_ids = at_labels(batch["teacher_ids"])
+        teacher_probs = at_labels(batch["teacher_probs"])
         soft = teacher_probs.sum(-1) > 0
     head = lm.get_output_embeddings()
     special_head = getattr(lm.config, "final_logit_softcapping", None) or getattr(
         lm.config, "logit_scale", None
     )
     if special_head or getattr(head, "bias", None) is not None:  # let the model make logits
-        logits = lm(**inputs, use_cache=False).logits[:, :-1][mask].float()
-        correct = int((logits.argmax(-1) == flat_targets).sum())
+        logits = lm(**inputs, use_cache=False).logits.flatten(0, 1)[positions].float()
+        correct = (logits.argmax(-1) == flat_targets).sum()
         if soft is None:
             return (
                 F.cross_entropy(logits, flat_targets, reduction="sum"),
-                len(flat_targets),
+                count,
                 correct,
             )
         log_q = logits.log_softmax(-1)
         hard_loss = F.nll_loss(log_q[~soft], flat_targets[~soft], reduction="sum")
         kl = kl_sum(log_q[soft], teacher_ids[soft], teacher_probs[soft])
-        return hard_loss + kl, len(flat_targets), correct
-    hidden = lm.get_decoder()(**inputs, use_cache=False).last_hidden_state[:, :-1][mask]
-    count = len(flat_targets)
+        return hard_loss + kl, count, correct
+    hidden = lm.get_decoder()(**inputs, use_cache=False).last_hidden_state.flatten(0, 1)
+    hidden = hidden[positions]
     loss = torch.zeros((), device=labels.device)
-    correct = 0
+    correct: Any = 0
     if soft is not None and bool(soft.any()):  # KL on replay positions, CE on the rest
         loss, correct = soft_target_loss(
             head, hidden[soft], teacher_ids[soft], teacher_probs[soft], flat_targets[soft]
@@ -214,12 +247,12 @@ def batch_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
         return loss, count, correct
     if not head.weight.requires_grad:
         hard, hard_correct = linear_cross_entropy(hidden, head.weight, flat_targets)
-        return loss + hard, count, correct + hard_correct
+        return loss + hard, count, hard_correct + correct
     for start in range(0, hidden.shape[0], LOGIT_CHUNK):
         logits = head(hidden[start : start + LOGIT_CHUNK]).float()
         part = flat_targets[start : start + LOGIT_CHUNK]
         loss = loss + F.cross_entropy(logits, part, reduction="sum")
-        correct += int((logits.argmax(-1) == part).sum())
+        correct = (logits.argmax(-1) == part).sum() + correct
     return loss, count, correct
 
 
@@ -296,7 +329,11 @@ def loss_of(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, i
 
 
 def label_tokens(group: list[dict[str, torch.Tensor]]) -> int:
-    return sum(int((b["labels"][:, 1:] != -100).sum()) for b in group)
+    """Label positions of the micro-batches, counted on the host where the batch says."""
+    return sum(
+        b["label_tokens"] if "label_tokens" in b else int((b["labels"][:, 1:] != -100).sum())
+        for b in group
+    )
 
 
 def accumulate_gradients(
@@ -305,24 +342,33 @@ def accumulate_gradients(
     total_tokens: int | None = None,
     scale: float = 1.0,
     stand_ins: int = 0,
+    graphs: Any = None,
 ) -> tuple[float, int, int]:
     """Backward over one optimizer step's micro-batches. Each micro-batch's summed loss is
     divided by the label tokens of the whole step (`total_tokens`: over every rank), so the
     gradient is that of the token mean over the step, whatever the micro-batch sizes. `scale`
-    undoes FSDP's mean over ranks; the last `stand_ins` batches count for nothing. Returns
-    (loss sum, tokens, correct) of this rank's real batches."""
+    undoes FSDP's mean over ranks; the last `stand_ins` batches count for nothing. `graphs`
+    (step_graphs.StepGraphs) replays micro-batches it has captured. The loss is read once, at
+    the end, so the host never waits for the GPU between passes. Returns (loss sum, tokens,
+    correct) of this rank's real batches."""
     real = len(group) - stand_ins
     own_tokens = label_tokens(group[:real])
     n_tokens = own_tokens if total_tokens is None else total_tokens
-    loss_total, correct_total = 0.0, 0
+    loss_total: Any = 0.0
+    correct_total: Any = 0
     for i, batch in enumerate(group):
-        loss_sum, _, correct = loss_of(model, batch)
         weight = scale if i < real else 0.0
-        (loss_sum * (weight / max(1, n_tokens))).backward()
+        factor = weight / max(1, n_tokens)
+        if graphs is not None:
+            loss_sum, correct = graphs.backward(batch, factor)
+        else:
+            loss_sum, _, correct = loss_of(model, batch)
+            (loss_sum * factor).backward()
+            loss_sum = loss_sum.detach()  # frees the pass's autograd graph now
         if i < real:
-            loss_total += float(loss_sum.detach())
-            correct_total += correct
-    return loss_total, own_tokens, correct_total
+            loss_total = loss_sum.detach().double() + loss_total
+            correct_total = correct + correct_total
+    return float(loss_total), own_tokens, int(correct_total)
 
 
 @torch.no_grad()
@@ -332,7 +378,7 @@ def evaluate(model: Any, batches: list[dict[str, torch.Tensor]]) -> tuple[float,
     loss_sum, count, correct = 0.0, 0, 0
     for batch in batches:
         loss, n, ok = loss_of(model, batch)
-        loss_sum, count, correct = loss_sum + float(loss), count + n, correct + ok
+        loss_sum, count, correct = loss_sum + float(loss), count + n, correct + int(ok)
     model.train()
     return loss_sum / max(1, count), correct / max(1, count)
 
@@ -416,8 +462,9 @@ def train(
     if enabled:
         log.info("fast path: %s", ", ".join(enabled))
     largest = largest_micro_batch(train_batches(0), plan.per_step)
+    graphed = step_graphs_fit(args, device, where.active, next(model.parameters()).dtype)
     layers, said = choose_checkpointing(
-        causal_lm(model), args.gradient_checkpointing, device, largest
+        causal_lm(model), args.gradient_checkpointing, device, largest, held=1 + graphed
     )
     log.info("memory: %s", said)
     set_checkpointing(causal_lm(model), layers)
@@ -432,6 +479,7 @@ def train(
     weight_dtype = next(model.parameters()).dtype
     autocast = getattr(args, "torch_dtype", None) in (None, "auto") and not where.active
     trainable = [p for p in model.parameters() if p.requires_grad]
+    graphs = StepGraphs(lambda b: loss_of(step_model, b), model, trainable) if graphed else None
     optimizer = torch.optim.AdamW(trainable, lr=plan.learning_rate, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(plan, args.lr_scheduler_type)
@@ -469,10 +517,11 @@ def train(
         group = assemble(group)
         n_tokens = label_tokens(group)  # the whole step's, every rank's share included
         mine, stand_ins = rank_share(group, where.rank, where.world)
-        mine = [to_device(b, device) for b in mine]
+        prepare = with_label_index if graphs is None else graphs.prepare
+        mine = [to_device(prepare(b), device) for b in mine]
         with autocast_context(device, weight_dtype, autocast):
             step_loss, _, correct = accumulate_gradients(
-                step_model, mine, n_tokens, float(where.world), stand_ins
+                step_model, mine, n_tokens, float(where.world), stand_ins, graphs
             )
         step_loss, correct = all_sum([step_loss, float(correct)])
         correct = int(correct)
@@ -485,7 +534,7 @@ def train(
         grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         optimizer.step()
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=graphs is None)  # graphs add into the same tensors
         window["loss"] += step_loss
         window["tokens"] += n_tokens
         tokens_seen += sum(int(b["input_ids"].numel()) for b in group)
@@ -541,6 +590,10 @@ def train(
             if where.main:
                 rotate_checkpoints(run_dir, args.save_total_limit, state.best_checkpoint)
     bar.close()
+    if graphs is not None and graphs.replays:
+        log.info(
+            "cuda graphs: %d passes replayed from %d shapes", graphs.replays, len(graphs.graphs)
+        )
     disable_fast_path(causal_lm(model))
     records = read_log(run_dir) if where.main else []
     if records:

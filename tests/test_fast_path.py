@@ -71,3 +71,23 @@ def test_unmodelled_memory_keeps_every_layer_checkpointed():
     full = build_tiny_llama(300).requires_grad_(True)  # a full fine-tune
     assert not memory_is_modelled(full)
     assert choose_checkpointing(full, None, "cuda", 10**6) == (None, "gradient checkpointing on")
+
+
+def test_cuda_graphs_plan_room_for_a_second_pass(monkeypatch):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from selftune.kernels.lora import fuse_lora
+
+    model = get_peft_model(
+        build_tiny_llama(300), LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM")
+    ).get_base_model()
+    fuse_lora(model)
+    plain, _ = activation_bytes(model.config)
+    tokens = 1000
+    free = MARGIN + 3 * plain * tokens  # one pass fits with no layer checkpointed
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 2 * free))
+    assert choose_checkpointing(model, None, "cuda", tokens)[0] == 0
+    layers, said = choose_checkpointing(model, None, "cuda", tokens, held=2)
+    assert layers == auto_checkpoint_layers(model, 2 * tokens, free) and layers != 0
+    assert "CUDA graph" in said and f"up to {tokens} tokens" in said

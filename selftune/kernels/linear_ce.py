@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import torch
 
+IGNORE_INDEX = -100
 CHUNK = 512  # label positions per chunk: 512 x 152k float32 logits = 0.3 GB at a time
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """sum over positions of CE(hidden @ weight.T, target); the head weight gets no gradient."""
+    """sum over positions of CE(hidden @ weight.T, target), targets of -100 left out; the head
+    weight gets no gradient."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
@@ -27,16 +29,17 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             part = hidden[start : start + chunk]
             target = targets[start : start + chunk]
+            valid = target != IGNORE_INDEX  # padding (step_graphs) counts for nothing
+            safe = target.clamp(min=0)
             logits = (part @ weight.t()).to(acc)
             lse = torch.logsumexp(logits, dim=-1)
-            loss += (lse - logits.gather(1, target[:, None]).squeeze(1)).sum()
+            loss += ((lse - logits.gather(1, safe[:, None]).squeeze(1)) * valid).sum()
             correct += (logits.argmax(-1) == target).sum()
             if grad_hidden is not None:
                 probs = (logits - lse[:, None]).exp_()
-                probs[torch.arange(len(target), device=probs.device), target] -= 1.0
-                grad_hidden[start : start + chunk] = (probs.to(weight.dtype) @ weight).to(
-                    hidden.dtype
-                )
+                probs[torch.arange(len(target), device=probs.device), safe] -= 1.0
+                rows = probs.to(weight.dtype) @ weight
+                grad_hidden[start : start + chunk] = (rows * valid[:, None]).to(hidden.dtype)
         ctx.save_for_backward(grad_hidden if grad_hidden is not None else torch.empty(0))
         ctx.mark_non_differentiable(correct)
         return loss, correct
@@ -51,9 +54,10 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 def linear_cross_entropy(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = CHUNK
-) -> tuple[torch.Tensor, int]:
-    """(summed loss, correct argmax count) over label positions, through a frozen head."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed loss, correct argmax count) over label positions, through a frozen head; the
+    count stays on the device, so that nothing waits for the GPU before backward."""
     if weight.requires_grad:
         raise ValueError("the chunked cross-entropy gives the output layer no gradient")
     loss, correct = ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk)
-    return loss, int(correct)
+    return loss, correct

@@ -184,8 +184,13 @@ class LoraGroup:
         scales = tuple(float(m.scaling[name]) for m in self.modules)
         key = (dtype, scales, OPTIMIZER_STEPS[0], *((t.data_ptr(), t._version) for t in adapters))
         slot = (name, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+        k = len(self.modules)
+        if slot[1] and device_type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # a captured training pass (selftune.step_graphs) casts anew at every replay, so it
+            # sees each optimizer step; the cache keeps the eager copies (decode graphs instead
+            # read the no-grad copies, refreshed in place before they replay)
+            return compute_lowrank(adapters[:k], adapters[k:], scales, dtype)
         if self.lowrank_key.get(slot) != key:
-            k = len(self.modules)
             into = None if slot[1] else self.lowrank.get(slot)
             self.lowrank[slot] = compute_lowrank(adapters[:k], adapters[k:], scales, dtype, into)
             self.lowrank_key[slot] = key
