@@ -36,6 +36,7 @@ from selftune.fast_path import (  # noqa: E402
     enable_fast_path,
     set_checkpointing,
 )
+from selftune.step_graphs import planned_tokens  # noqa: E402
 from selftune.train import to_device  # noqa: E402
 
 USE_LIGER = True
@@ -250,8 +251,9 @@ def fresh(config: str, device: str, impl: str, checkpoint_layers, packing: bool,
             grouped_lora=USE_GROUPED_LORA,
         )
         if checkpoint_layers == "auto":
-            held = 1 + (USE_GRAPHS and device == "cuda")  # as `selftune sft` plans it
-            checkpoint_layers, said = choose_checkpointing(base, None, device, tokens, held)
+            graphed = USE_GRAPHS and device == "cuda"  # planned as `selftune sft` plans it
+            tokens, graph_tokens = planned_tokens(tokens) if graphed else (tokens, 0)
+            checkpoint_layers, said = choose_checkpointing(base, None, device, tokens, graph_tokens)
             enabled.append(said)
         set_checkpointing(base, checkpoint_layers)
         return model, enabled

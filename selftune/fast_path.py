@@ -121,12 +121,12 @@ def auto_checkpoint_layers(model: Any, max_tokens: int, free_bytes: int) -> int 
 
 
 def choose_checkpointing(
-    model: Any, wanted: bool | None, device: str, max_tokens: int, held: int = 1
+    model: Any, wanted: bool | None, device: str, max_tokens: int, graph_tokens: int = 0
 ) -> tuple[int | None, str]:
     """Resolve --gradient_checkpointing: true = every layer, false = none, unset = off on CPU
     and on CUDA as many layers as the free memory needs (every layer where memory_is_modelled
-    says no) for `held` passes' activations at once (2 with CUDA graphs: their pool keeps one
-    while an eager pass runs). Returns (layers, a line for the log)."""
+    says no) for a pass of `max_tokens` while a CUDA graph's pool holds the activations of one
+    of `graph_tokens` (selftune.step_graphs). Returns (layers, a line for the log)."""
     if wanted is None and device.startswith("cuda") and not memory_is_modelled(model):
         wanted = True
     if wanted is not None or not device.startswith("cuda"):
@@ -135,10 +135,10 @@ def choose_checkpointing(
     import torch
 
     free, _ = torch.cuda.mem_get_info(torch.device(device))
-    layers = auto_checkpoint_layers(model, max_tokens * held, free)
+    layers = auto_checkpoint_layers(model, max_tokens + graph_tokens, free)
     total = len(decoder_layers(model))
     shown = total if layers is None else layers
-    twice = ", room for a CUDA graph's pass besides" if held > 1 else ""
+    twice = f", room for a CUDA graph of {graph_tokens} tokens besides" if graph_tokens else ""
     return layers, (
         f"gradient checkpointing on {shown} of {total} layers for micro-batches of up to "
         f"{max_tokens} tokens ({free / GIB:.1f} GiB free{twice})"

@@ -52,6 +52,18 @@ def round_up(n: int, step: int) -> int:
     return -(-n // step) * step
 
 
+def padded_tokens(tokens: int) -> int:
+    """The most tokens a pack of `tokens` has after pad_pack."""
+    return tokens if tokens >= PAD_BELOW else round_up(tokens + SEGMENT_STEP + 1, TOKEN_STEP)
+
+
+def planned_tokens(largest: int) -> tuple[int, int]:
+    """(tokens of the largest pass, tokens of the largest graph held beside it) for memory
+    planning, packs of up to `largest` tokens given."""
+    biggest = padded_tokens(largest)
+    return biggest, min(biggest, MAX_TOKENS)
+
+
 def pad_pack(batch: dict[str, Any]) -> dict[str, Any]:
     """A packed batch (one row, `cu_seq_lens_q`, `label_index`), on the host, padded to the
     next size of each kind: padding tokens form conversations of their own with no labels, and
@@ -59,6 +71,8 @@ def pad_pack(batch: dict[str, Any]) -> dict[str, Any]:
     out. Other batches come back as they are."""
     cu = batch.get("cu_seq_lens_q")
     if cu is None or "label_index" not in batch or batch["input_ids"].shape[0] != 1:
+        return batch
+    if any(k in batch for k in UNGRAPHED_KEYS):  # never replayed: padding would only cost
         return batch
     tokens, segments = batch["input_ids"].shape[1], len(cu) - 1
     pad_segments = round_up(segments + 1, SEGMENT_STEP) - segments

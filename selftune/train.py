@@ -46,7 +46,7 @@ from selftune.fast_path import (
     set_checkpointing,
 )
 from selftune.kernels.linear_ce import linear_cross_entropy
-from selftune.step_graphs import StepGraphs
+from selftune.step_graphs import StepGraphs, planned_tokens
 
 log = logging.getLogger(__name__)
 TEACHER_KEYS = ("teacher_ids", "teacher_probs")  # replay targets, not model inputs
@@ -463,8 +463,9 @@ def train(
         log.info("fast path: %s", ", ".join(enabled))
     largest = largest_micro_batch(train_batches(0), plan.per_step)
     graphed = step_graphs_fit(args, device, where.active, next(model.parameters()).dtype)
+    largest, graph_tokens = planned_tokens(largest) if graphed else (largest, 0)
     layers, said = choose_checkpointing(
-        causal_lm(model), args.gradient_checkpointing, device, largest, held=1 + graphed
+        causal_lm(model), args.gradient_checkpointing, device, largest, graph_tokens
     )
     log.info("memory: %s", said)
     set_checkpointing(causal_lm(model), layers)

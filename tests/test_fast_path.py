@@ -88,6 +88,6 @@ def test_cuda_graphs_plan_room_for_a_second_pass(monkeypatch):
     free = MARGIN + 3 * plain * tokens  # one pass fits with no layer checkpointed
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 2 * free))
     assert choose_checkpointing(model, None, "cuda", tokens)[0] == 0
-    layers, said = choose_checkpointing(model, None, "cuda", tokens, held=2)
+    layers, said = choose_checkpointing(model, None, "cuda", tokens, graph_tokens=tokens)
     assert layers == auto_checkpoint_layers(model, 2 * tokens, free) and layers != 0
-    assert "CUDA graph" in said and f"up to {tokens} tokens" in said
+    assert f"CUDA graph of {tokens} tokens" in said and f"up to {tokens} tokens" in said

@@ -13,11 +13,13 @@ from selftune.data.encode import Example
 from selftune.step_graphs import (
     LABEL_STEP,
     LENGTH_STEP,
+    MAX_TOKENS,
     SEGMENT_STEP,
     TOKEN_STEP,
     StepGraphs,
     batch_key,
     pad_pack,
+    planned_tokens,
 )
 from selftune.train import accumulate_gradients, batch_loss, label_tokens, to_device
 
@@ -105,6 +107,30 @@ def test_pad_pack_rounds_each_size_up_and_pads_with_ignored_positions():
     assert (padded["position_ids"][0, starts] == 0).all()
     (similar,) = packed(rows([10, 15, 8], seed=3), 64)
     assert batch_key(pad_pack(similar), True) == batch_key(padded, True)
+
+
+def test_memory_plans_for_the_padded_pass_and_a_graph_of_at_most_max_tokens():
+    for lengths in ([9, 14, 6], [250], [3] * 17, [1000, 1000, 1000, 1046]):
+        (batch,) = packed(rows(lengths, seed=0), 8192)
+        tokens = batch["input_ids"].shape[1]
+        biggest, graph = planned_tokens(tokens)
+        assert pad_pack(batch)["input_ids"].shape[1] <= biggest
+        assert graph == min(biggest, MAX_TOKENS)
+    assert planned_tokens(8192) == (8192, MAX_TOKENS)  # long packs keep their shape
+
+
+def test_packs_with_replay_rows_are_not_padded():
+    (batch,) = packed(rows([9, 14, 6], seed=0), 64)
+    width = batch["input_ids"].shape[1]
+    teacher = {
+        "teacher_ids": torch.zeros(1, width, 3, dtype=torch.long),
+        "teacher_probs": torch.zeros(1, width, 3),
+    }
+    replay = {**batch, **teacher}
+    assert pad_pack(replay) is replay  # never replayed as a graph: padding would only cost
+    model = lora_model(build_tiny_llama, "cpu")
+    loss, count, _ = batch_loss(model, replay)
+    assert count == len(batch["label_index"]) and torch.isfinite(loss)
 
 
 @pytest.mark.parametrize("builder", [build_tiny_llama, build_tiny_qwen2])
