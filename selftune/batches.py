@@ -13,6 +13,7 @@ from selftune.data.pack import PackedBatch, pack_examples, pad_batch
 
 Batch = dict[str, Any]
 HOST_ONLY = ("label_tokens", "pad_tokens")  # counts for the loop: no model input, no graph key
+TEACHER_KEYS = ("teacher_ids", "teacher_probs")  # replay targets, not model inputs
 
 
 def packed_batch(pack: PackedBatch) -> Batch:

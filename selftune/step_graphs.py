@@ -33,11 +33,10 @@ from typing import Any
 
 import torch
 
-from selftune.batches import HOST_ONLY, with_label_index
+from selftune.batches import HOST_ONLY, TEACHER_KEYS, with_label_index
 
 log = logging.getLogger(__name__)
 MAX_GRAPHS = 8  # distinct shapes captured; each holds its activations in one shared pool
-UNGRAPHED_KEYS = ("teacher_ids", "teacher_probs")  # replay rows: their loss syncs on a mask
 # padding of a pack, so that packs of similar size share a graph: tokens, conversations,
 # label positions and the longest conversation round up to these multiples
 TOKEN_STEP, SEGMENT_STEP, LABEL_STEP, LENGTH_STEP = 256, 4, 256, 64
@@ -68,11 +67,13 @@ def pad_pack(batch: dict[str, Any]) -> dict[str, Any]:
     """A packed batch (one row, `cu_seq_lens_q`, `label_index`), on the host, padded to the
     next size of each kind: padding tokens form conversations of their own with no labels, and
     the padded label positions read a padding token whose label is -100, which the loss leaves
-    out. Other batches come back as they are."""
+    out. Other batches, and packs of PAD_BELOW tokens or more, come back as they are."""
     cu = batch.get("cu_seq_lens_q")
     if cu is None or "label_index" not in batch or batch["input_ids"].shape[0] != 1:
         return batch
-    if any(k in batch for k in UNGRAPHED_KEYS):  # never replayed: padding would only cost
+    if batch["input_ids"].shape[1] >= PAD_BELOW:
+        return batch
+    if any(k in batch for k in TEACHER_KEYS):  # replay rows never replay: padding only costs
         return batch
     tokens, segments = batch["input_ids"].shape[1], len(cu) - 1
     pad_segments = round_up(segments + 1, SEGMENT_STEP) - segments
@@ -108,6 +109,14 @@ def pad_pack(batch: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def eager_pass(loss_fn: Callable, batch: dict[str, Any], factor: float) -> tuple[torch.Tensor, Any]:
+    """loss_fn(batch) and the backward of its loss sum times `factor`; (loss sum, correct). The
+    loss comes back detached: no autograd graph outlives its pass (see StepGraphs.capture)."""
+    loss_sum, _, correct = loss_fn(batch)
+    (loss_sum * factor).backward()
+    return loss_sum.detach(), correct
+
+
 @dataclass
 class Captured:
     graph: Any  # torch.cuda.CUDAGraph
@@ -121,7 +130,7 @@ class Captured:
 def batch_key(batch: dict[str, Any], training: bool) -> tuple | None:
     """What a capture fixes: each tensor's shape and dtype and every other value; None for a
     batch that cannot be captured."""
-    if "label_index" not in batch or any(k in batch for k in UNGRAPHED_KEYS):
+    if "label_index" not in batch or any(k in batch for k in TEACHER_KEYS):  # loss splits on a mask
         return None
     parts = []
     for name in sorted(set(batch) - set(HOST_ONLY)):
@@ -164,10 +173,7 @@ class StepGraphs:
     def prepare(self, batch: dict[str, Any]) -> dict[str, Any]:
         """On the host, before the batch goes to the GPU: its label index, and a short pack
         padded (pad_pack), so that packs of similar size replay one graph."""
-        batch = with_label_index(batch)
-        if batch["input_ids"].numel() < PAD_BELOW:
-            batch = pad_pack(batch)
-        return batch
+        return pad_pack(with_label_index(batch))
 
     def backward(self, batch: dict[str, Any], factor: float) -> tuple[torch.Tensor, Any]:
         """Run `batch` and backward of its loss sum times `factor`. Returns (loss sum, correct);
@@ -194,9 +200,7 @@ class StepGraphs:
         return captured.loss, captured.correct
 
     def eager(self, batch: dict[str, Any], factor: float) -> tuple[torch.Tensor, Any]:
-        loss_sum, _, correct = self.loss_fn(batch)
-        (loss_sum * factor).backward()
-        return loss_sum.detach(), correct  # no autograd graph outlives its pass (see capture)
+        return eager_pass(self.loss_fn, batch, factor)
 
     def check_routing(self) -> None:
         """Graphs captured before LoRA layers were routed or unrouted call stale code."""
@@ -251,15 +255,13 @@ class StepGraphs:
             with torch.cuda.graph(graph, pool=self.pool, stream=self.capture_stream):
                 loss_sum, _, correct = self.loss_fn(static)
                 (loss_sum * factor).backward()
+            if self.grad_addresses() != before:
+                raise RuntimeError("backward did not accumulate into the gradients in place")
         except Exception:
-            reset_generator()
+            reset_generator()  # needed after a failed capture, harmless after one that held
             for p, saved in zip(self.params, backup):  # the capture computed nothing
                 p.grad = saved
             raise
-        if self.grad_addresses() != before:
-            for p, saved in zip(self.params, backup):
-                p.grad = saved
-            raise RuntimeError("backward did not accumulate into the gradients in place")
         if not isinstance(correct, torch.Tensor):
             correct = torch.tensor(correct)
         # detached: a live autograd graph would keep its AccumulateGrad nodes, bound to the

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from selftune.batches import (
     HOST_ONLY,
+    TEACHER_KEYS,
     StepRows,
     assemble,
     label_index,
@@ -46,10 +47,9 @@ from selftune.fast_path import (
     set_checkpointing,
 )
 from selftune.kernels.linear_ce import linear_cross_entropy
-from selftune.step_graphs import StepGraphs, planned_tokens
+from selftune.step_graphs import StepGraphs, eager_pass, planned_tokens
 
 log = logging.getLogger(__name__)
-TEACHER_KEYS = ("teacher_ids", "teacher_probs")  # replay targets, not model inputs
 NOT_INPUTS = ("labels", "label_index", *HOST_ONLY, *TEACHER_KEYS)
 LOGIT_CHUNK = 4096  # label positions per lm_head chunk: bounds the logits held at once
 
@@ -204,7 +204,7 @@ def batch_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     inputs = {k: v for k, v in batch.items() if k not in NOT_INPUTS}
     positions = batch.get("label_index")
     if positions is None:
-        positions = label_index(labels).to(labels.device)
+        positions = label_index(labels)
     targets_at = positions + 1  # position i predicts the token at i + 1 (same row)
 
     def at_labels(tensor: torch.Tensor) -> torch.Tensor:
@@ -362,11 +362,9 @@ def accumulate_gradients(
         if graphs is not None:
             loss_sum, correct = graphs.backward(batch, factor)
         else:
-            loss_sum, _, correct = loss_of(model, batch)
-            (loss_sum * factor).backward()
-            loss_sum = loss_sum.detach()  # frees the pass's autograd graph now
+            loss_sum, correct = eager_pass(lambda b: loss_of(model, b), batch, factor)
         if i < real:
-            loss_total = loss_sum.detach().double() + loss_total
+            loss_total = loss_sum.double() + loss_total
             correct_total = correct + correct_total
     return float(loss_total), own_tokens, int(correct_total)
 
@@ -514,11 +512,11 @@ def train(
         file=sys.stderr,
         disable=not where.main,
     )
+    prepare = with_label_index if graphs is None else graphs.prepare
     for step, epoch, group in step_groups(train_batches, plan, args.seed, state.step):
         group = assemble(group)
         n_tokens = label_tokens(group)  # the whole step's, every rank's share included
         mine, stand_ins = rank_share(group, where.rank, where.world)
-        prepare = with_label_index if graphs is None else graphs.prepare
         mine = [to_device(prepare(b), device) for b in mine]
         with autocast_context(device, weight_dtype, autocast):
             step_loss, _, correct = accumulate_gradients(
