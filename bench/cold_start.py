@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +64,22 @@ def drop_page_cache() -> bool:
         return False
 
 
+@dataclass
+class Stamped:
+    returncode: int
+    lines: list[tuple[float, str]]  # (seconds since the start, stderr line)
+
+
+def run_stamped(command: list[str], env: dict[str, str]) -> Stamped:
+    """Run `command`, stamping each stderr line with the seconds since the start."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    lines = [(time.perf_counter() - started, line.rstrip("\n")) for line in proc.stderr]
+    return Stamped(proc.wait(), lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(CONFIG), help="architecture (random weights)")
@@ -70,6 +87,13 @@ def main() -> None:
     parser.add_argument("--dataset", default=str(ROOT / "tests/fixtures/self_cognition.json"))
     parser.add_argument("--work", default="/tmp/selftune-cold-start")
     parser.add_argument("--warm", action="store_true", help="keep the page cache")
+    parser.add_argument("--profile", help="write the process's cProfile stats to this file")
+    parser.add_argument(
+        "--pycache",
+        help="keep compiled bytecode in this folder, as pip's install does in the packages' own "
+        "(for a Python run with PYTHONDONTWRITEBYTECODE or read-only packages); filled by an "
+        "untimed run first",
+    )
     args = parser.parse_args()
     work = Path(args.work)
     model_dir = work / "model"
@@ -80,17 +104,36 @@ def main() -> None:
     report["weights_gb"] = round(
         sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 1e9, 2
     )
-    report["page_cache_dropped"] = False if args.warm else drop_page_cache()
     output = work / "output"
     shutil.rmtree(output, ignore_errors=True)
-    command = [sys.executable, "-m", "selftune", "sft", "--model", str(model_dir)]
-    command += ["--dataset", args.dataset, "--output_dir", str(output), *TUTORIAL_FLAGS]
+
+    def sft(output_dir: Path) -> list[str]:
+        profiler = ["-m", "cProfile", "-o", args.profile] if args.profile else []
+        command = [sys.executable, *profiler, "-m", "selftune", "sft", "--model", str(model_dir)]
+        return command + [
+            "--dataset",
+            args.dataset,
+            "--output_dir",
+            str(output_dir),
+            *TUTORIAL_FLAGS,
+        ]
+
+    env = dict(os.environ)
+    if args.pycache:  # bytecode as a pip install leaves it, where the packages' folders are not
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = args.pycache
+        if not Path(args.pycache).is_dir():  # filled by one untimed run
+            subprocess.run(sft(work / "fill"), env=env, cwd=ROOT, capture_output=True)
+        report["pycache"] = args.pycache
+    report["page_cache_dropped"] = False if args.warm else drop_page_cache()
+    command = sft(output)
     started = time.perf_counter()
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    stamped = run_stamped(command, env)
     report["process_s"] = round(time.perf_counter() - started, 2)
-    report["returncode"] = done.returncode
-    if done.returncode != 0:
-        report["stderr_tail"] = done.stderr[-3000:]
+    report["returncode"] = stamped.returncode
+    stderr = "\n".join(line for _, line in stamped.lines)
+    if stamped.returncode != 0:
+        report["stderr_tail"] = stderr[-3000:]
     logs = sorted(output.glob("*/logging.jsonl"))
     if logs:
         records = [json.loads(line) for line in logs[-1].read_text().splitlines() if line]
@@ -101,8 +144,10 @@ def main() -> None:
             report["peak_gib"] = steps[-1].get("memory_gib")
     report["checkpoints"] = [p.name for p in output.glob("*/checkpoint-*")]
     said = ("fast path", "cuda graphs", "memory:")
-    report["fast_path_log"] = [
-        line for line in done.stderr.splitlines() if any(s in line for s in said)
+    report["fast_path_log"] = [line for _, line in stamped.lines if any(s in line for s in said)]
+    # where the seconds go: each of selftune's own log lines, stamped from the process start
+    report["timeline"] = [
+        f"{at:6.2f}s {line[:120]}" for at, line in stamped.lines if line.startswith("[selftune]")
     ]
     print(json.dumps(report), flush=True)
 

@@ -37,7 +37,7 @@ from selftune.fast_path import (  # noqa: E402
     set_checkpointing,
 )
 from selftune.step_graphs import planned_tokens  # noqa: E402
-from selftune.train import to_device  # noqa: E402
+from selftune.train import make_optimizer, to_device  # noqa: E402
 
 USE_LIGER = True
 USE_VARLEN = True
@@ -172,11 +172,13 @@ def stock_step(model, micro_batches, optimizer) -> int:
 
 
 def selftune_step(model, micro_batches, optimizer, graphs=None) -> int:
-    from selftune.train import accumulate_gradients
+    """As `selftune sft`'s loop: passes and update queued, then the step's loss read."""
+    from selftune.train import backward_step
 
-    accumulate_gradients(model, micro_batches, graphs=graphs)
+    loss, _, correct = backward_step(model, micro_batches, graphs=graphs)
     optimizer.step()
     optimizer.zero_grad(set_to_none=graphs is None)
+    loss.item(), correct.item()  # what the loop reads for its log, once a step
     return sum(int(b["input_ids"].numel()) - b.get("pad_tokens", 0) for b in micro_batches)
 
 
@@ -192,7 +194,8 @@ def step_graphs(model, device: str):
 
 
 def timed(step, model, steps_batches, warmup: int, graphs=None):
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    # fused AdamW for both: the HF Trainer's default optimizer, and selftune's on one GPU
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], 1e-5, 0.0)
     torch.cuda.synchronize() if torch.cuda.is_available() else None
     if graphs is not None:
         step = functools.partial(step, graphs=graphs)

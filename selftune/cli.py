@@ -22,6 +22,11 @@ VERBS: dict[str, tuple[str, str]] = {
 }
 
 
+# libraries that log through the root logger, and so print as our own lines (Liger warns of
+# every hardware backend it cannot import)
+CHATTY_LOGGERS = ("liger_kernel",)
+
+
 def usage() -> str:
     lines = ["usage: selftune VERB [flags]  (or selftune VERB config.yaml [flags])", "", "verbs:"]
     lines += [f"  {verb:<10} {text}" for verb, (_, text) in VERBS.items()]
@@ -40,6 +45,8 @@ def quiet_libraries(debug: bool) -> None:
         import warnings
 
         warnings.filterwarnings("ignore")
+        for name in CHATTY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
         try:
             from transformers.utils import logging as hf_logging
 

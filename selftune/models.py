@@ -267,15 +267,21 @@ def load_model(
     device: str | None = None,
     quant_bits: int | None = None,
 ) -> tuple[Any, Any, Path]:
-    """Load (model, tokenizer, folder) for a --model spec, in eval mode on the chosen device."""
+    """Load (model, tokenizer, folder) for a --model spec, in eval mode on the chosen device.
+    On a GPU the weights go straight to it: no copy of the whole model in host memory."""
+    import time
+
     from transformers import AutoModelForCausalLM
 
     check_quant_bits(quant_bits)
     folder = resolve_model(spec)
+    started = time.perf_counter()
     device = pick_device(device)
     dtype = pick_dtype(torch_dtype, device)
     tokenizer = load_tokenizer(folder)
     extra: dict[str, Any] = {}
+    if device != "cpu":
+        extra["device_map"] = {"": device}
     if quant_bits:
         extra = {"quantization_config": nf4_config(dtype), "device_map": {"": device}}
     try:
@@ -283,8 +289,15 @@ def load_model(
     except Exception as exc:
         raise SelftuneError(f"cannot load model from {folder}: {exc}") from exc
     if not quant_bits:
-        model.to(device)
+        model.to(device)  # a no-op where device_map placed it
     model.eval()
+    log.info(
+        "model: %s loaded to %s (%s) in %.1f s",
+        folder.name,
+        device,
+        str(dtype).removeprefix("torch."),
+        time.perf_counter() - started,
+    )
     return model, tokenizer, folder
 
 

@@ -336,21 +336,30 @@ def label_tokens(group: list[dict[str, torch.Tensor]]) -> int:
     )
 
 
-def accumulate_gradients(
+def make_optimizer(
+    params: list[torch.nn.Parameter], lr: float, weight_decay: float, sharded: bool = False
+) -> torch.optim.AdamW:
+    """AdamW, fused (one kernel for all parameters, as the HF Trainer's default) where every
+    parameter is a plain CUDA tensor; the multi-tensor version for CPU and FSDP2's shards."""
+    fused = not sharded and bool(params) and all(p.is_cuda for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
+def backward_step(
     model: Any,
     group: list[dict[str, torch.Tensor]],
     total_tokens: int | None = None,
     scale: float = 1.0,
     stand_ins: int = 0,
     graphs: Any = None,
-) -> tuple[float, int, int]:
+) -> tuple[torch.Tensor, int, torch.Tensor]:
     """Backward over one optimizer step's micro-batches. Each micro-batch's summed loss is
     divided by the label tokens of the whole step (`total_tokens`: over every rank), so the
     gradient is that of the token mean over the step, whatever the micro-batch sizes. `scale`
     undoes FSDP's mean over ranks; the last `stand_ins` batches count for nothing. `graphs`
-    (step_graphs.StepGraphs) replays micro-batches it has captured. The loss is read once, at
-    the end, so the host never waits for the GPU between passes. Returns (loss sum, tokens,
-    correct) of this rank's real batches."""
+    (step_graphs.StepGraphs) replays micro-batches it has captured. Returns (loss sum, tokens,
+    correct) of this rank's real batches, the sums as device tensors: nothing here waits for
+    the GPU, so the caller can queue the optimizer step before it reads them."""
     real = len(group) - stand_ins
     own_tokens = label_tokens(group[:real])
     n_tokens = own_tokens if total_tokens is None else total_tokens
@@ -366,7 +375,15 @@ def accumulate_gradients(
         if i < real:
             loss_total = loss_sum.double() + loss_total
             correct_total = correct + correct_total
-    return float(loss_total), own_tokens, int(correct_total)
+    return torch.as_tensor(loss_total), own_tokens, torch.as_tensor(correct_total)
+
+
+def accumulate_gradients(
+    model: Any, group: list[dict[str, torch.Tensor]], *args: Any, **kwargs: Any
+) -> tuple[float, int, int]:
+    """`backward_step`, its sums read as numbers."""
+    loss, tokens, correct = backward_step(model, group, *args, **kwargs)
+    return float(loss), tokens, int(correct)
 
 
 @torch.no_grad()
@@ -479,7 +496,7 @@ def train(
     autocast = getattr(args, "torch_dtype", None) in (None, "auto") and not where.active
     trainable = [p for p in model.parameters() if p.requires_grad]
     graphs = StepGraphs(lambda b: loss_of(step_model, b), model, trainable) if graphed else None
-    optimizer = torch.optim.AdamW(trainable, lr=plan.learning_rate, weight_decay=args.weight_decay)
+    optimizer = make_optimizer(trainable, plan.learning_rate, args.weight_decay, where.active)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(plan, args.lr_scheduler_type)
     )
@@ -519,21 +536,23 @@ def train(
         mine, stand_ins = rank_share(group, where.rank, where.world)
         mine = [to_device(prepare(b), device) for b in mine]
         with autocast_context(device, weight_dtype, autocast):
-            step_loss, _, correct = accumulate_gradients(
+            loss_sum, _, correct_sum = backward_step(
                 step_model, mine, n_tokens, float(where.world), stand_ins, graphs
             )
-        step_loss, correct = all_sum([step_loss, float(correct)])
-        correct = int(correct)
-        window["correct"] += correct
-        if not math.isfinite(step_loss):
-            good = list_checkpoints(run_dir)
-            where = f"; the last good checkpoint is {good[-1][1]}" if good else ""
-            raise SelftuneError(f"the loss became {step_loss} at step {step + 1}{where}")
         norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
-        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        # queued behind the passes; the numbers are read after, so the GPU never waits for the
+        # host between a step's passes and its update
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=graphs is None)  # graphs add into the same tensors
+        step_loss, correct = all_sum([float(loss_sum), float(correct_sum)])
+        correct = int(correct)
+        window["correct"] += correct
+        if not math.isfinite(step_loss):  # these weights are never saved: the run stops here
+            good = list_checkpoints(run_dir)
+            where = f"; the last good checkpoint is {good[-1][1]}" if good else ""
+            raise SelftuneError(f"the loss became {step_loss} at step {step + 1}{where}")
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         window["loss"] += step_loss
         window["tokens"] += n_tokens
         tokens_seen += sum(int(b["input_ids"].numel()) for b in group)

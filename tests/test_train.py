@@ -11,6 +11,7 @@ from selftune.train import (
     accumulate_gradients,
     batch_loss,
     lr_lambda,
+    make_optimizer,
     make_plan,
     step_groups,
     wrap_model,
@@ -111,3 +112,16 @@ def test_resumed_steps_see_the_same_batches():
     assert resumed == full[5:]
     assert sorted(i for _, _, g in full[:4] for i in g) == list(range(10))  # one epoch, each once
     assert [g for _, _, g in full[:4]] != [g for _, _, g in full[4:8]]  # reshuffled per epoch
+
+
+def test_optimizer_is_fused_only_for_plain_cuda_parameters():
+    cpu = [torch.nn.Parameter(torch.zeros(3))]
+    assert not make_optimizer(cpu, 1e-3, 0.0).defaults["fused"]
+    assert make_optimizer(cpu, 1e-3, 0.1).defaults["weight_decay"] == 0.1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_optimizer_is_fused_on_one_gpu():
+    gpu = [torch.nn.Parameter(torch.zeros(3, device="cuda"))]
+    assert make_optimizer(gpu, 1e-3, 0.0).defaults["fused"]
+    assert not make_optimizer(gpu, 1e-3, 0.0, sharded=True).defaults["fused"]

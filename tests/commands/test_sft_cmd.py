@@ -235,3 +235,31 @@ def test_adapter_scale_is_for_lora(tmp_path):
     )  # fmt: skip
     assert done.returncode != 0
     assert "--adapter_scale applies to LoRA" in done.stderr
+
+
+def test_a_loss_that_turns_nan_stops_the_run_and_saves_nothing(tmp_path, smol_tokenizer):
+    from support import build_tiny_llama
+
+    folder = tmp_path / "nan-model"
+    model = build_tiny_llama(len(smol_tokenizer))
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")
+    model.save_pretrained(folder)
+    smol_tokenizer.save_pretrained(folder)
+    output = tmp_path / "output"
+    done = selftune(
+        "sft",
+        "--model",
+        folder,
+        "--dataset",
+        FIXTURES / "self_cognition.json",
+        *TUTORIAL_FLAGS,
+        "--save_steps",
+        "1",
+        "--output_dir",
+        output,
+    )
+    assert done.returncode != 0
+    assert "the loss became nan at step 1" in done.stderr
+    assert len(done.stderr.strip().splitlines()[-1]) < 300  # one line, no trace
+    assert not list(output.glob("*/checkpoint-*"))
