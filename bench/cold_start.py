@@ -107,8 +107,8 @@ def main() -> None:
     output = work / "output"
     shutil.rmtree(output, ignore_errors=True)
 
-    def sft(output_dir: Path) -> list[str]:
-        profiler = ["-m", "cProfile", "-o", args.profile] if args.profile else []
+    def sft(output_dir: Path, profile: str | None = None) -> list[str]:
+        profiler = ["-m", "cProfile", "-o", profile] if profile else []
         command = [sys.executable, *profiler, "-m", "selftune", "sft", "--model", str(model_dir)]
         return command + [
             "--dataset",
@@ -123,10 +123,15 @@ def main() -> None:
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         env["PYTHONPYCACHEPREFIX"] = args.pycache
         if not Path(args.pycache).is_dir():  # filled by one untimed run
-            subprocess.run(sft(work / "fill"), env=env, cwd=ROOT, capture_output=True)
+            fill = subprocess.run(
+                sft(work / "fill"), env=env, cwd=ROOT, capture_output=True, text=True
+            )
+            shutil.rmtree(work / "fill", ignore_errors=True)
+            if fill.returncode != 0:
+                sys.exit(f"the run that fills {args.pycache} failed:\n{fill.stderr[-2000:]}")
         report["pycache"] = args.pycache
     report["page_cache_dropped"] = False if args.warm else drop_page_cache()
-    command = sft(output)
+    command = sft(output, args.profile)
     started = time.perf_counter()
     stamped = run_stamped(command, env)
     report["process_s"] = round(time.perf_counter() - started, 2)

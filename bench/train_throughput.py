@@ -172,13 +172,15 @@ def stock_step(model, micro_batches, optimizer) -> int:
 
 
 def selftune_step(model, micro_batches, optimizer, graphs=None) -> int:
-    """As `selftune sft`'s loop: passes and update queued, then the step's loss read."""
+    """The passes and update queued, then the step's loss read, in `selftune sft`'s order (its
+    gradient clipping and learning-rate schedule left out, as in the stock step)."""
     from selftune.train import backward_step
 
     loss, _, correct = backward_step(model, micro_batches, graphs=graphs)
     optimizer.step()
     optimizer.zero_grad(set_to_none=graphs is None)
-    loss.item(), correct.item()  # what the loop reads for its log, once a step
+    loss.item()  # what the loop reads for its log, once a step
+    correct.item()
     return sum(int(b["input_ids"].numel()) - b.get("pad_tokens", 0) for b in micro_batches)
 
 

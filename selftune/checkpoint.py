@@ -77,20 +77,29 @@ def optimizer_tensors(model: Any, optimizer: torch.optim.Optimizer) -> tuple[dic
     return tensors, plain
 
 
+KERNEL_CHOICES = ("fused", "foreach")  # optimizer options that follow the device, not the run
+
+
 def load_optimizer(
     model: Any, optimizer: torch.optim.Optimizer, tensors: dict, plain: dict
 ) -> None:
-    """Every rank reads the whole state; FSDP2 keeps its own shard."""
+    """Every rank reads the whole state; FSDP2 keeps its own shard. The kernel choice (fused
+    or not) stays the one made for this run's device: torch would take the saved one, so a run
+    saved on a CPU would resume unfused on a GPU and the reverse fused on a CPU."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     state: dict[str, dict[str, Any]] = {name: dict(rest) for name, rest in plain["state"].items()}
     for key, value in tensors.items():
         name, field = key.rsplit("/", 1)
         state.setdefault(name, {})[field] = value
+    groups = [
+        {**saved, **{k: live[k] for k in KERNEL_CHOICES if k in live}}
+        for saved, live in zip(plain["param_groups"], optimizer.param_groups, strict=False)
+    ]
     set_optimizer_state_dict(
         model,
         optimizer,
-        {"state": state, "param_groups": plain["param_groups"]},
+        {"state": state, "param_groups": groups},
         options=StateDictOptions(full_state_dict=True),
     )
 

@@ -167,9 +167,14 @@ def enable_fast_path(
             "PyTorch kernels"
         )
     if packing and varlen:
+        import torch
+
         from selftune.kernels.attention import use_varlen_attention
 
-        if use_varlen_attention(model):
+        dtype = next(model.parameters()).dtype
+        if dtype not in (torch.float16, torch.bfloat16):  # the flash kernels take 16-bit only
+            log.info("fast path: %s weights; packed rows use a masked SDPA", dtype)
+        elif use_varlen_attention(model):
             enabled.append("varlen attention for packed rows")
         else:
             log.info("fast path: no varlen attention kernel here; packed rows use a masked SDPA")

@@ -13,6 +13,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -266,11 +267,11 @@ def load_model(
     torch_dtype: str | None = None,
     device: str | None = None,
     quant_bits: int | None = None,
+    tokenizer: Any = None,
 ) -> tuple[Any, Any, Path]:
-    """Load (model, tokenizer, folder) for a --model spec, in eval mode on the chosen device.
-    On a GPU the weights go straight to it: no copy of the whole model in host memory."""
-    import time
-
+    """Load (model, tokenizer, folder) for a --model spec, in eval mode on the chosen device
+    (`tokenizer`: one already loaded from the same folder). On a GPU the weights go straight to
+    it: no copy of the whole model in host memory."""
     from transformers import AutoModelForCausalLM
 
     check_quant_bits(quant_bits)
@@ -278,12 +279,10 @@ def load_model(
     started = time.perf_counter()
     device = pick_device(device)
     dtype = pick_dtype(torch_dtype, device)
-    tokenizer = load_tokenizer(folder)
-    extra: dict[str, Any] = {}
-    if device != "cpu":
-        extra["device_map"] = {"": device}
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(folder)
+    extra: dict[str, Any] = {"device_map": {"": device}} if device != "cpu" or quant_bits else {}
     if quant_bits:
-        extra = {"quantization_config": nf4_config(dtype), "device_map": {"": device}}
+        extra["quantization_config"] = nf4_config(dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **extra)
     except Exception as exc:

@@ -340,7 +340,8 @@ def make_optimizer(
     params: list[torch.nn.Parameter], lr: float, weight_decay: float, sharded: bool = False
 ) -> torch.optim.AdamW:
     """AdamW, fused (one kernel for all parameters, as the HF Trainer's default) where every
-    parameter is a plain CUDA tensor; the multi-tensor version for CPU and FSDP2's shards."""
+    parameter is a plain CUDA tensor; the multi-tensor version on CPU and under FSDP2 (the fused
+    kernel on sharded tensors is untried)."""
     fused = not sharded and bool(params) and all(p.is_cuda for p in params)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
@@ -550,8 +551,8 @@ def train(
         window["correct"] += correct
         if not math.isfinite(step_loss):  # these weights are never saved: the run stops here
             good = list_checkpoints(run_dir)
-            where = f"; the last good checkpoint is {good[-1][1]}" if good else ""
-            raise SelftuneError(f"the loss became {step_loss} at step {step + 1}{where}")
+            hint = f"; the last good checkpoint is {good[-1][1]}" if good else ""
+            raise SelftuneError(f"the loss became {step_loss} at step {step + 1}{hint}")
         grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         window["loss"] += step_loss
         window["tokens"] += n_tokens

@@ -24,10 +24,10 @@ class TinyModel(torch.nn.Module):
         save_file(self.state_dict(), str(folder / "adapter_model.safetensors"))
 
 
-def trained_parts(steps=3):
+def trained_parts(steps=3, fused=None):
     torch.manual_seed(0)
     model = TinyModel()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (s + 1))
     for _ in range(steps):
         model.linear(torch.randn(2, 4)).pow(2).sum().backward()
@@ -75,6 +75,23 @@ def test_resume_state_round_trip(tmp_path):
     for index, entry in optimizer.state_dict()["state"].items():
         torch.testing.assert_close(entry["exp_avg"], saved[index]["exp_avg"])
     assert json.loads((checkpoint / "args.json").read_text()) == {"model": "m"}
+
+
+@pytest.mark.parametrize("saved_fused, resumed_fused", [(None, True), (True, None)])
+def test_resume_keeps_this_runs_kernel_choice(tmp_path, saved_fused, resumed_fused):
+    """A run saved unfused (on a CPU) resumes fused on a GPU, and the reverse: the saved state
+    comes back, the choice of kernel stays the resumed run's."""
+    parts = trained_parts(fused=saved_fused)
+    checkpoint = save(tmp_path, 3, parts)
+    model, optimizer, scheduler = trained_parts(steps=0, fused=resumed_fused)
+    load_training_state(checkpoint, model, optimizer, scheduler)
+    assert optimizer.param_groups[0]["fused"] == resumed_fused
+    assert optimizer.param_groups[0]["lr"] == parts[1].param_groups[0]["lr"]
+    saved = parts[1].state_dict()["state"]
+    for index, entry in optimizer.state_dict()["state"].items():
+        torch.testing.assert_close(entry["exp_avg_sq"], saved[index]["exp_avg_sq"])
+    model.linear(torch.randn(2, 4)).pow(2).sum().backward()
+    optimizer.step()  # the resumed optimizer steps with its own kernel
 
 
 def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):

@@ -91,3 +91,22 @@ def test_cuda_graphs_plan_room_for_a_second_pass(monkeypatch):
     layers, said = choose_checkpointing(model, None, "cuda", tokens, graph_tokens=tokens)
     assert layers == auto_checkpoint_layers(model, 2 * tokens, free) and layers != 0
     assert f"CUDA graph of {tokens} tokens" in said and f"up to {tokens} tokens" in said
+
+
+def test_varlen_attention_only_for_16_bit_weights(monkeypatch):
+    """The flash kernels behind varlen attention take fp16/bf16 only: float32 weights on a GPU
+    keep the masked SDPA for packed rows."""
+    import torch
+
+    from selftune.kernels import attention
+
+    monkeypatch.setattr(attention, "varlen_available", lambda: True)  # as on a GPU
+    fp32 = build_tiny_llama(300)
+    before = fp32.config._attn_implementation
+    enabled = enable_fast_path(fp32, "cuda", packing=True, liger=False, grouped_lora=False)
+    assert "varlen attention for packed rows" not in enabled
+    assert fp32.config._attn_implementation == before != attention.NAME
+    bf16 = build_tiny_llama(300).to(torch.bfloat16)
+    enabled = enable_fast_path(bf16, "cuda", packing=True, liger=False, grouped_lora=False)
+    assert "varlen attention for packed rows" in enabled
+    assert bf16.config._attn_implementation == attention.NAME

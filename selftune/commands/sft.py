@@ -166,7 +166,7 @@ def train_run(args: SftArgs) -> Path:
 
     seed_everything(args.seed)
     model, tokenizer, folder = load_model(
-        str(folder), args.torch_dtype, args.device, args.quant_bits
+        str(folder), args.torch_dtype, args.device, args.quant_bits, tokenizer
     )
     device = str(next(model.parameters()).device)
     if args.replay > 0:
