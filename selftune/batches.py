@@ -13,7 +13,8 @@ from selftune.data.pack import PackedBatch, pack_examples, pad_batch
 
 Batch = dict[str, Any]
 HOST_ONLY = ("label_tokens", "pad_tokens")  # counts for the loop: no model input, no graph key
-TEACHER_KEYS = ("teacher_ids", "teacher_probs")  # replay targets, not model inputs
+# replay targets and where they sit among the label positions: not model inputs
+TEACHER_KEYS = ("teacher_ids", "teacher_probs", "soft_index", "hard_index")
 
 
 def packed_batch(pack: PackedBatch) -> Batch:
@@ -43,13 +44,27 @@ def label_index(labels: torch.Tensor) -> torch.Tensor:
     return rows * width + columns
 
 
+def replay_split(teacher_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(soft, hard): which of the label positions (rows of `teacher_probs`, taken at the label
+    positions) carry the base's probabilities (replay rows: KL loss) and which do not (plain
+    rows: cross-entropy)."""
+    soft = teacher_probs.sum(-1) > 0
+    return torch.nonzero(soft).squeeze(1), torch.nonzero(~soft).squeeze(1)
+
+
 def with_label_index(batch: Batch) -> Batch:
-    """The batch with its `label_index` and `label_tokens` (the count of real labels, which a
-    padded index would overstate)."""
+    """The batch with its `label_index`, `label_tokens` (the count of real labels, which a
+    padded index would overstate) and, with replay rows, their `soft_index` / `hard_index`
+    among the labels (`replay_split`): all found on the host, so the loss needs no sizes back
+    from the GPU."""
     if "label_index" in batch or batch["labels"].device.type != "cpu":
         return batch
     index = label_index(batch["labels"])
-    return {**batch, "label_index": index, "label_tokens": len(index)}
+    done = {**batch, "label_index": index, "label_tokens": len(index)}
+    if "teacher_probs" in batch:
+        probs = batch["teacher_probs"].flatten(0, 1)[index + 1]
+        done["soft_index"], done["hard_index"] = replay_split(probs)
+    return done
 
 
 def packed(examples: list[Example], max_tokens: int) -> list[Batch]:

@@ -59,11 +59,11 @@ def _kl_chunk(
 
 def soft_target_loss(
     head: Any, hidden: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor, targets: torch.Tensor
-) -> tuple[torch.Tensor, int]:
-    """(summed KL(teacher || model) over positions, argmaxes equal to `targets`); each chunk's
-    logits are recomputed in backward rather than kept."""
+) -> tuple[torch.Tensor, Any]:
+    """(summed KL(teacher || model) over positions, argmaxes equal to `targets`, as a tensor);
+    each chunk's logits are recomputed in backward rather than kept."""
     loss = torch.zeros((), device=hidden.device)
-    correct = 0
+    correct: Any = 0
     for start in range(0, hidden.shape[0], CHUNK):
         end = start + CHUNK
         part, picked = checkpoint(
@@ -75,7 +75,7 @@ def soft_target_loss(
             use_reentrant=False,
         )
         loss = loss + part
-        correct += int((picked == targets[start:end]).sum())
+        correct = (picked == targets[start:end]).sum() + correct
     return loss, correct
 
 

@@ -130,7 +130,9 @@ class Captured:
 def batch_key(batch: dict[str, Any], training: bool) -> tuple | None:
     """What a capture fixes: each tensor's shape and dtype and every other value; None for a
     batch that cannot be captured."""
-    if "label_index" not in batch or any(k in batch for k in TEACHER_KEYS):  # loss splits on a mask
+    # replay rows run eagerly: their packs are not padded to shared shapes, and their capture is
+    # untried on a GPU
+    if "label_index" not in batch or any(k in batch for k in TEACHER_KEYS):
         return None
     parts = []
     for name in sorted(set(batch) - set(HOST_ONLY)):

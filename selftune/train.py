@@ -29,6 +29,7 @@ from selftune.batches import (
     assemble,
     label_index,
     largest_micro_batch,
+    replay_split,
     with_label_index,
 )
 from selftune.checkpoint import (
@@ -212,11 +213,13 @@ def batch_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
 
     flat_targets = at_labels(labels)
     count = batch.get("label_tokens", len(flat_targets))  # padding adds ignored positions
-    soft = None
+    soft = hard = None  # which label positions are replay (KL) and which plain (CE)
     if "teacher_probs" in batch:
         teacher_ids = at_labels(batch["teacher_ids"])
         teacher_probs = at_labels(batch["teacher_probs"])
-        soft = teacher_probs.sum(-1) > 0
+        soft, hard = batch.get("soft_index"), batch.get("hard_index")
+        if soft is None:  # not split on the host (batches.with_label_index): split here
+            soft, hard = replay_split(teacher_probs)
     head = lm.get_output_embeddings()
     special_head = getattr(lm.config, "final_logit_softcapping", None) or getattr(
         lm.config, "logit_scale", None
@@ -231,18 +234,18 @@ def batch_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
                 correct,
             )
         log_q = logits.log_softmax(-1)
-        hard_loss = F.nll_loss(log_q[~soft], flat_targets[~soft], reduction="sum")
+        hard_loss = F.nll_loss(log_q[hard], flat_targets[hard], reduction="sum")
         kl = kl_sum(log_q[soft], teacher_ids[soft], teacher_probs[soft])
         return hard_loss + kl, count, correct
     hidden = lm.get_decoder()(**inputs, use_cache=False).last_hidden_state.flatten(0, 1)
     hidden = hidden[positions]
     loss = torch.zeros((), device=labels.device)
     correct: Any = 0
-    if soft is not None and bool(soft.any()):  # KL on replay positions, CE on the rest
+    if soft is not None and len(soft):  # KL on replay positions, CE on the rest
         loss, correct = soft_target_loss(
             head, hidden[soft], teacher_ids[soft], teacher_probs[soft], flat_targets[soft]
         )
-        hidden, flat_targets = hidden[~soft], flat_targets[~soft]
+        hidden, flat_targets = hidden[hard], flat_targets[hard]
     if hidden.shape[0] == 0:
         return loss, count, correct
     if not head.weight.requires_grad:

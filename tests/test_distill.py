@@ -5,7 +5,7 @@ import torch
 from support import build_tiny_gemma2, build_tiny_llama
 from test_train import lora_args, random_examples
 
-from selftune.batches import packed
+from selftune.batches import packed, with_label_index
 from selftune.data.pack import pad_batch
 from selftune.distill import attach_teacher
 from selftune.train import batch_loss, wrap_model
@@ -37,11 +37,13 @@ def reference_kl(model, example, top_k=None):
     return total
 
 
-def test_special_heads_take_the_same_kl(teacher):
+@pytest.mark.parametrize("split", [False, True], ids=["split in the loss", "split on the host"])
+def test_special_heads_take_the_same_kl(teacher, split):
     model = build_tiny_gemma2(VOCAB, seed=0)
     plain, replay = random_examples(2, VOCAB, seed=6)
     attach_teacher(teacher, [replay], top_k=VOCAB)
-    loss, _, _ = batch_loss(model, pad_batch([plain, replay], pad_id=2))
+    batch = pad_batch([plain, replay], pad_id=2)
+    loss, _, _ = batch_loss(model, with_label_index(batch) if split else batch)
     expected = batch_loss(model, pad_batch([plain], pad_id=2))[0] + reference_kl(model, replay)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
 
@@ -62,9 +64,10 @@ def test_teacher_is_the_models_top_k_at_labelled_positions(teacher):
             assert bool((example.teacher_probs[t, :-1] >= example.teacher_probs[t, 1:]).all())
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["split in the loss", "split on the host"])
 @pytest.mark.parametrize("lora", [False, True], ids=["trainable head", "LoRA, frozen head"])
 def test_replay_rows_train_on_kl_from_the_teacher_and_plain_rows_on_cross_entropy(
-    student, teacher, lora
+    student, teacher, lora, split
 ):
     model = wrap_model(student, lora_args()) if lora else student
     if lora:  # move the adapter off zero so the student differs in every layer
@@ -74,7 +77,8 @@ def test_replay_rows_train_on_kl_from_the_teacher_and_plain_rows_on_cross_entrop
                     param.normal_(0.0, 0.3)
     plain, replay = random_examples(2, VOCAB, seed=3)
     attach_teacher(teacher, [replay], top_k=VOCAB)
-    loss, count, correct = batch_loss(model, pad_batch([plain, replay], pad_id=2))
+    batch = pad_batch([plain, replay], pad_id=2)
+    loss, count, correct = batch_loss(model, with_label_index(batch) if split else batch)
     expected_ce, plain_count, _ = batch_loss(model, pad_batch([plain], pad_id=2))
     expected = expected_ce + reference_kl(model, replay)
     assert count == plain_count + sum(1 for x in replay.labels[1:] if x != -100)
@@ -116,3 +120,21 @@ def test_top_k_zero_leaves_rows_on_their_greedy_labels(teacher):
     attach_teacher(teacher, examples, top_k=0)
     assert all(e.teacher_probs is None for e in examples)
     assert "teacher_probs" not in pad_batch(examples, pad_id=2)
+
+
+def test_host_split_sorts_each_label_position_by_its_row(teacher):
+    examples = random_examples(4, VOCAB, seed=7)
+    attach_teacher(teacher, examples[1:3], top_k=4)
+    (pack,) = packed(examples, max_tokens=1000)
+    bounds = pack["cu_seq_lens_q"].tolist()
+    segments = list(zip(bounds, bounds[1:], strict=False))
+    ids = pack["input_ids"][0].tolist()
+    replay_ids = (examples[1].input_ids, examples[2].input_ids)
+    replayed = {i for i, (a, b) in enumerate(segments) if ids[a:b] in replay_ids}
+    segment_of = [i for i, (a, b) in enumerate(segments) for _ in range(a, b)]
+    index = pack["label_index"].tolist()
+    soft, hard = pack["soft_index"].tolist(), pack["hard_index"].tolist()
+    assert soft == [j for j, at in enumerate(index) if segment_of[at + 1] in replayed]
+    assert len(soft) == sum(1 for e in examples[1:3] for x in e.labels[1:] if x != -100)
+    assert sorted(soft + hard) == list(range(len(index)))
+    assert "soft_index" not in packed(examples[:1], max_tokens=1000)[0]
