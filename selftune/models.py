@@ -204,7 +204,12 @@ def pick_device(device: str | None = None) -> str:
     import torch
 
     if device:
-        if device.startswith("cuda:") and torch.cuda.is_available():
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise SelftuneError(
+                f"--device {device}: torch {torch.__version__} sees no CUDA GPU here "
+                "(use --device cpu, or leave --device out)"
+            )
+        if device.startswith("cuda:"):
             torch.cuda.set_device(torch.device(device))
         return device
     return "cuda" if torch.cuda.is_available() else "cpu"

@@ -19,6 +19,19 @@ def test_local_folder_loads(tiny_model_dir):
     assert not model.training
 
 
+def test_loading_reuses_a_given_tokenizer(tiny_model_dir):
+    _, tokenizer, _ = load_model(str(tiny_model_dir), device="cpu")
+    _, again, _ = load_model(str(tiny_model_dir), device="cpu", tokenizer=tokenizer)
+    assert again is tokenizer
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_asked_for_where_there_is_none_is_one_clear_line(tiny_model_dir):
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(SelftuneError, match=f"--device {device}: torch .* sees no CUDA GPU"):
+            load_model(str(tiny_model_dir), device=device)
+
+
 def test_torch_dtype_override(tiny_model_dir):
     model, _, _ = load_model(str(tiny_model_dir), torch_dtype="bfloat16", device="cpu")
     assert model.dtype == torch.bfloat16
