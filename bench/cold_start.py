@@ -136,9 +136,8 @@ def main() -> None:
     stamped = run_stamped(command, env)
     report["process_s"] = round(time.perf_counter() - started, 2)
     report["returncode"] = stamped.returncode
-    stderr = "\n".join(line for _, line in stamped.lines)
     if stamped.returncode != 0:
-        report["stderr_tail"] = stderr[-3000:]
+        report["stderr_tail"] = "\n".join(line for _, line in stamped.lines)[-3000:]
     logs = sorted(output.glob("*/logging.jsonl"))
     if logs:
         records = [json.loads(line) for line in logs[-1].read_text().splitlines() if line]

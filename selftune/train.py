@@ -249,8 +249,8 @@ def batch_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     if hidden.shape[0] == 0:
         return loss, count, correct
     if not head.weight.requires_grad:
-        hard, hard_correct = linear_cross_entropy(hidden, head.weight, flat_targets)
-        return loss + hard, count, hard_correct + correct
+        ce, ce_correct = linear_cross_entropy(hidden, head.weight, flat_targets)
+        return loss + ce, count, ce_correct + correct
     for start in range(0, hidden.shape[0], LOGIT_CHUNK):
         logits = head(hidden[start : start + LOGIT_CHUNK]).float()
         part = flat_targets[start : start + LOGIT_CHUNK]
