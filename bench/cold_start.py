@@ -89,6 +89,12 @@ def main() -> None:
     parser.add_argument("--warm", action="store_true", help="keep the page cache")
     parser.add_argument("--profile", help="write the process's cProfile stats to this file")
     parser.add_argument(
+        "--importtime",
+        action="store_true",
+        help="run with PYTHONPROFILEIMPORTTIME: each module's import, stamped (see --log)",
+    )
+    parser.add_argument("--log", help="write every stderr line, stamped, to this file")
+    parser.add_argument(
         "--pycache",
         help="keep compiled bytecode in this folder, as pip's install does in the packages' own "
         "(for a Python run with PYTHONDONTWRITEBYTECODE or read-only packages); filled by an "
@@ -132,8 +138,12 @@ def main() -> None:
         report["pycache"] = args.pycache
     report["page_cache_dropped"] = False if args.warm else drop_page_cache()
     command = sft(output, args.profile)
+    if args.importtime:
+        env["PYTHONPROFILEIMPORTTIME"] = "1"
     started = time.perf_counter()
     stamped = run_stamped(command, env)
+    if args.log:
+        Path(args.log).write_text("".join(f"{at:7.3f} {line}\n" for at, line in stamped.lines))
     report["process_s"] = round(time.perf_counter() - started, 2)
     report["returncode"] = stamped.returncode
     if stamped.returncode != 0:

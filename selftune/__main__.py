@@ -1,3 +1,3 @@
-from selftune.cli import main
+from selftune.cli import console
 
-raise SystemExit(main())
+console()

@@ -1,4 +1,6 @@
 import logging
+import subprocess
+import sys
 
 import pytest
 
@@ -24,3 +26,46 @@ def test_library_warnings_only_under_debug(liger_logger):
     logging.getLogger("liger_kernel").setLevel(logging.NOTSET)
     quiet_libraries(debug=True)
     assert liger_logger.isEnabledFor(logging.WARNING)
+
+
+CONSOLE = """
+import atexit, sys
+import selftune.cli as cli
+
+class Finalised:
+    def __del__(self):
+        print("torn down", flush=True)
+
+kept = Finalised()
+
+def main():
+    atexit.register(print, "library handler ran", file=sys.stderr)  # as torch's, in the run
+    print("work", end="")  # left in the buffer: the exit must flush it
+    if sys.argv[1] == "raise":
+        raise RuntimeError("boom")
+    return int(sys.argv[1])
+
+cli.main = main
+cli.console()
+"""
+
+
+def run_console(outcome: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", CONSOLE, outcome], capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.parametrize("code", [0, 2])
+def test_console_exits_with_mains_code_without_teardown(code):
+    done = run_console(str(code))
+    assert done.returncode == code
+    assert done.stdout == "work"  # flushed, and no teardown ("torn down")
+    assert done.stderr.strip() == "library handler ran"
+
+
+def test_console_leaves_an_exception_to_pythons_own_exit():
+    done = run_console("raise")
+    assert done.returncode == 1
+    assert "RuntimeError: boom" in done.stderr
+    assert "library handler ran" in done.stderr and done.stdout == "worktorn down\n"

@@ -263,3 +263,49 @@ def test_a_loss_that_turns_nan_stops_the_run_and_saves_nothing(tmp_path, smol_to
     assert "the loss became nan at step 1" in done.stderr
     assert len(done.stderr.strip().splitlines()[-1]) < 300  # one line, no trace
     assert not list(output.glob("*/checkpoint-*"))
+
+
+@pytest.fixture
+def recorded_run(monkeypatch):
+    """`train_run` with preparation and training replaced by recorders of the collector's state."""
+    import gc
+
+    import selftune.train
+    from selftune.commands import sft
+
+    seen: dict = {}
+
+    def prepare(args):
+        seen["prepare"] = gc.isenabled()
+        if args == "bad":
+            raise sft.SelftuneError("bad rows")
+        return ("model", "batches")
+
+    def train(*job):
+        seen["train"] = (gc.isenabled(), gc.get_freeze_count() > 0, job)
+        return Path("checkpoint-10")
+
+    monkeypatch.setattr(sft, "prepare", prepare)
+    monkeypatch.setattr(selftune.train, "train", train)
+    return sft.train_run, seen
+
+
+def test_start_up_runs_without_collections_training_on_a_frozen_heap(recorded_run):
+    import gc
+
+    train_run, seen = recorded_run
+    assert train_run("args") == Path("checkpoint-10")
+    assert seen == {"prepare": False, "train": (True, True, ("model", "batches"))}
+    assert gc.isenabled() and gc.get_freeze_count() == 0  # as before, after the run
+
+
+def test_a_failed_start_up_gives_the_collector_back(recorded_run):
+    import gc
+
+    from selftune.errors import SelftuneError
+
+    train_run, seen = recorded_run
+    with pytest.raises(SelftuneError, match="bad rows"):
+        train_run("bad")
+    assert seen == {"prepare": False}
+    assert gc.isenabled() and gc.get_freeze_count() == 0
