@@ -14,6 +14,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import sys
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -27,7 +29,12 @@ LIGER_PATCHES = {
 
 
 def apply_liger(model: Any) -> bool:
-    """Swap RMSNorm, RoPE and SwiGLU for Liger's Triton kernels on this model instance."""
+    """Swap RMSNorm, RoPE and SwiGLU for Liger's Triton kernels on this model instance.
+
+    Liger also rebinds the modeling module's names: its classes, which only later models would
+    build from, go back to the library's; its RoPE function, which every model of the family
+    calls, runs Liger's kernel on CUDA tensors and the library's elsewhere (a CPU model in the
+    same process would fail in Triton)."""
     if importlib.util.find_spec("liger_kernel") is None:
         return False
     name = LIGER_PATCHES.get(model.config.model_type)
@@ -35,6 +42,8 @@ def apply_liger(model: Any) -> bool:
         return False
     import liger_kernel.transformers as liger
 
+    module = sys.modules[type(model).__module__]
+    before = dict(vars(module))
     getattr(liger, name)(
         rope=True,
         rms_norm=True,
@@ -43,7 +52,29 @@ def apply_liger(model: Any) -> bool:
         fused_linear_cross_entropy=False,
         model=model,
     )
+    for key, library in before.items():
+        patched = vars(module)[key]
+        if patched is library:
+            continue
+        if key == "apply_rotary_pos_emb":
+            setattr(module, key, rope_on_cuda_only(patched, library))
+        else:
+            setattr(module, key, library)
     return True
+
+
+def rope_on_cuda_only(
+    kernel: Callable[..., Any], library: Callable[..., Any]
+) -> Callable[..., Any]:
+    """`apply_rotary_pos_emb` by `kernel` for CUDA tensors, by the library's function otherwise."""
+    library = getattr(library, "library", library)  # applied twice: one level, not a chain
+
+    def apply_rotary_pos_emb(q: Any, k: Any, *args: Any, **kwargs: Any) -> Any:
+        use = kernel if q.is_cuda else library
+        return use(q, k, *args, **kwargs)
+
+    apply_rotary_pos_emb.library = library  # type: ignore[attr-defined]
+    return apply_rotary_pos_emb
 
 
 def packs_safely(model: Any) -> bool:

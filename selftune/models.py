@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -273,11 +274,15 @@ def load_model(
     device: str | None = None,
     quant_bits: int | None = None,
     tokenizer: Any = None,
+    meanwhile: Sequence[str] = (),
 ) -> tuple[Any, Any, Path]:
     """Load (model, tokenizer, folder) for a --model spec, in eval mode on the chosen device
-    (`tokenizer`: one already loaded from the same folder). On a GPU the weights go straight to
-    it: no copy of the whole model in host memory."""
+    (`tokenizer`: one already loaded from the same folder; `meanwhile`: modules to import while
+    the weights are read, see `preload`). On a GPU the weights go straight to it: no copy of the
+    whole model in host memory."""
     from transformers import AutoModelForCausalLM
+
+    from selftune.preload import import_in_thread, import_model_code
 
     check_quant_bits(quant_bits)
     folder = resolve_model(spec)
@@ -288,10 +293,14 @@ def load_model(
     extra: dict[str, Any] = {"device_map": {"": device}} if device != "cpu" or quant_bits else {}
     if quant_bits:
         extra["quantization_config"] = nf4_config(dtype)
+    imports = import_in_thread(meanwhile) if meanwhile and import_model_code(folder) else None
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **extra)
     except Exception as exc:
         raise SelftuneError(f"cannot load model from {folder}: {exc}") from exc
+    finally:
+        if imports is not None:
+            imports.join()
     if not quant_bits:
         model.to(device)  # a no-op where device_map placed it
     model.eval()

@@ -403,14 +403,14 @@ def evaluate(model: Any, batches: list[dict[str, torch.Tensor]]) -> tuple[float,
 
 
 def plot_loss(records: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """The loss curve as a PNG, drawn by matplotlib's Agg without pyplot (no GUI backend, no
+    global figure state)."""
+    from matplotlib.figure import Figure
 
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     if train:
         ax.plot(*zip(*train), label="train loss")
     if evals:
@@ -420,7 +420,6 @@ def plot_loss(records: list[dict[str, Any]], path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def append_log(run_dir: Path, record: dict[str, Any]) -> None:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+
+import pytest
+import torch
 from support import build_tiny_gemma2, build_tiny_llama, build_tiny_qwen2
 
 from selftune.fast_path import (
@@ -110,3 +114,59 @@ def test_varlen_attention_only_for_16_bit_weights(monkeypatch):
     enabled = enable_fast_path(bf16, "cuda", packing=True, liger=False, grouped_lora=False)
     assert "varlen attention for packed rows" in enabled
     assert bf16.config._attn_implementation == attention.NAME
+
+
+@pytest.fixture
+def fake_liger(monkeypatch):
+    """`liger_kernel.transformers` whose Llama patch rebinds the modeling module's names as
+    Liger's does: its RoPE a Triton kernel that takes CUDA tensors only."""
+    import importlib.machinery
+    import types
+
+    from transformers.models.llama import modeling_llama
+
+    calls = []
+
+    def kernel_rope(q, k, *args, **kwargs):
+        if not q.is_cuda:
+            raise ValueError("Pointer argument (at 0) cannot be accessed from Triton (cpu tensor?)")
+        calls.append("kernel")
+        return q, k
+
+    class FakeNorm(torch.nn.Module):
+        pass
+
+    def apply_liger_kernel_to_llama(model=None, **flags):
+        modeling_llama.apply_rotary_pos_emb = kernel_rope
+        modeling_llama.LlamaRMSNorm = FakeNorm
+        modeling_llama.LlamaMLP = FakeNorm
+
+    package = types.ModuleType("liger_kernel")
+    package.__spec__ = importlib.machinery.ModuleSpec("liger_kernel", None)
+    transformers_part = types.ModuleType("liger_kernel.transformers")
+    transformers_part.apply_liger_kernel_to_llama = apply_liger_kernel_to_llama
+    monkeypatch.setitem(sys.modules, "liger_kernel", package)
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", transformers_part)
+    for name in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP"):
+        monkeypatch.setattr(modeling_llama, name, getattr(modeling_llama, name))  # put back after
+    return modeling_llama, calls
+
+
+def test_liger_leaves_later_models_and_cpu_tensors_to_the_library(fake_liger):
+    from types import SimpleNamespace
+
+    from selftune.fast_path import apply_liger
+
+    modeling_llama, calls = fake_liger
+    library_rope, library_norm = modeling_llama.apply_rotary_pos_emb, modeling_llama.LlamaRMSNorm
+    assert apply_liger(build_tiny_llama(300))
+    assert apply_liger(build_tiny_llama(300))  # twice (training, then decoding): still one level
+    assert modeling_llama.LlamaRMSNorm is library_norm
+    later = build_tiny_llama(300)  # a CPU model built after: the library's modules, and it runs
+    assert isinstance(later.model.norm, library_norm)
+    ids = torch.tensor([[5, 6, 7]])
+    torch.testing.assert_close(later(ids).logits, build_tiny_llama(300)(ids).logits)
+    assert modeling_llama.apply_rotary_pos_emb.library is library_rope
+    cuda = SimpleNamespace(is_cuda=True)
+    assert modeling_llama.apply_rotary_pos_emb(cuda, cuda, None, None) == (cuda, cuda)
+    assert calls == ["kernel"]
