@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from selftune.errors import SelftuneError
 
@@ -107,10 +107,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def console() -> None:
+def console() -> NoReturn:
     """The `selftune` command: `main`, then, once it has returned, an exit that skips tearing the
     interpreter down (thousands of modules, the model, the CUDA context: 1.4 s after a small
-    run on a CPU). Other threads are joined and atexit handlers run first, as in any exit."""
+    run on a CPU). Other threads are joined and the atexit handlers registered during the run
+    (torch's, the libraries') run first, as in any exit."""
     returned: list[int] = []
     atexit.register(exit_now, returned)  # registered before the libraries' handlers: runs after
     returned.append(main())
@@ -118,13 +119,17 @@ def console() -> None:
 
 
 def exit_now(returned: list[int]) -> None:
-    """End the process with `main`'s code, output flushed; where `main` raised, Python's own exit
-    goes on (its trace, its code)."""
+    """End the process with `main`'s code, buffered output written (C's stdio buffers are written
+    by Python's handling of the SystemExit, before atexit); where `main` raised, Python's own
+    exit goes on (its trace, its code)."""
     if not returned:
         return
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    logging.shutdown()  # its atexit handler was registered before ours, so would not run
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):  # no stream, a closed pipe
+            pass
     os._exit(returned[0])
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -42,31 +41,36 @@ def apply_liger(model: Any) -> bool:
         return False
     import liger_kernel.transformers as liger
 
-    module = sys.modules[type(model).__module__]
+    family = model.config.model_type  # the module Liger patches, whatever the model's class
+    module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
     before = dict(vars(module))
-    getattr(liger, name)(
-        rope=True,
-        rms_norm=True,
-        swiglu=True,
-        cross_entropy=False,
-        fused_linear_cross_entropy=False,
-        model=model,
-    )
-    for key, library in before.items():
-        patched = vars(module)[key]
-        if patched is library:
-            continue
-        if key == "apply_rotary_pos_emb":
-            setattr(module, key, rope_on_cuda_only(patched, library))
-        else:
-            setattr(module, key, library)
+    try:
+        getattr(liger, name)(
+            rope=True,
+            rms_norm=True,
+            swiglu=True,
+            cross_entropy=False,
+            fused_linear_cross_entropy=False,
+            model=model,
+        )
+    finally:  # also where Liger failed half way
+        for key, library in before.items():
+            patched = vars(module).get(key, library)
+            if patched is library:
+                continue
+            if key == "apply_rotary_pos_emb":
+                setattr(module, key, rope_on_cuda_only(patched, library))
+            else:
+                setattr(module, key, library)
     return True
 
 
 def rope_on_cuda_only(
     kernel: Callable[..., Any], library: Callable[..., Any]
 ) -> Callable[..., Any]:
-    """`apply_rotary_pos_emb` by `kernel` for CUDA tensors, by the library's function otherwise."""
+    """`apply_rotary_pos_emb` by `kernel` for CUDA tensors, by the library's function otherwise.
+    The arguments pass through as given: the attention code calls it with (q, k, cos, sin),
+    which both take alike (their fifth positional parameters differ)."""
     library = getattr(library, "library", library)  # applied twice: one level, not a chain
 
     def apply_rotary_pos_emb(q: Any, k: Any, *args: Any, **kwargs: Any) -> Any:

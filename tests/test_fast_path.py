@@ -171,3 +171,21 @@ def test_liger_leaves_later_models_and_cpu_tensors_to_the_library(fake_liger):
     cuda = SimpleNamespace(is_cuda=True)
     assert modeling_llama.apply_rotary_pos_emb(cuda, cuda, None, None) == (cuda, cuda)
     assert calls == ["kernel"]
+
+
+def test_liger_failing_half_way_leaves_the_classes_as_they_were(fake_liger):
+    from selftune.fast_path import apply_liger
+
+    modeling_llama, _ = fake_liger
+    library_norm = modeling_llama.LlamaRMSNorm
+    patch = sys.modules["liger_kernel.transformers"].apply_liger_kernel_to_llama
+
+    def fails_half_way(model=None, **flags):
+        patch(model=model, **flags)
+        raise RuntimeError("no kernel for this GPU")
+
+    sys.modules["liger_kernel.transformers"].apply_liger_kernel_to_llama = fails_half_way
+    with pytest.raises(RuntimeError, match="no kernel"):
+        apply_liger(build_tiny_llama(300))
+    assert modeling_llama.LlamaRMSNorm is library_norm
+    build_tiny_llama(300)(torch.tensor([[5, 6, 7]]))  # a CPU model still builds and runs

@@ -29,10 +29,63 @@ def test_load_returns_once_the_imports_are_done(tiny_model_dir, late_modules):
     assert model.config.model_type == "llama"
 
 
-def test_model_code_is_imported_before_the_thread_starts(tmp_path):
+def test_model_code_imports_the_familys_modeling_module(tmp_path):
+    name = "transformers.models.phi3.modeling_phi3"
+    if name in sys.modules:
+        pytest.skip("phi3's code was imported earlier in this session")
     folder = tmp_path / "phi3"
     folder.mkdir()
     (folder / "config.json").write_text('{"model_type": "phi3"}')
     assert import_model_code(folder)
-    assert "transformers.models.phi3.modeling_phi3" in sys.modules
+    assert name in sys.modules
     assert not import_model_code(tmp_path)  # no config.json: no thread, the load says why
+
+
+def test_the_thread_starts_after_the_model_code_and_ends_before_the_load_returns(
+    tiny_model_dir, monkeypatch
+):
+    import selftune.preload as preload
+
+    order = []
+    real_code, real_thread = preload.import_model_code, preload.import_in_thread
+
+    def model_code(folder):
+        order.append("model code")
+        return real_code(folder)
+
+    def thread(names):
+        order.append(f"thread: {', '.join(names)}")
+        started = real_thread(names)
+        real_join = started.join
+        started.join = lambda: (order.append("joined"), real_join())
+        return started
+
+    monkeypatch.setattr(preload, "import_model_code", model_code)
+    monkeypatch.setattr(preload, "import_in_thread", thread)
+    load_model(str(tiny_model_dir), device="cpu", meanwhile=["json"])
+    assert order == ["model code", "thread: json", "joined"]
+    order.clear()
+    load_model(str(tiny_model_dir), device="cpu")  # nothing asked for: no thread
+    assert order == []
+
+
+@pytest.mark.parametrize(
+    ("train_type", "device", "cuda", "peft", "liger"),
+    [
+        ("lora", None, True, True, True),
+        ("lora", "cpu", True, True, False),
+        ("qlora", None, False, True, False),
+        ("full", "cuda", True, False, True),
+    ],
+)
+def test_later_imports_are_what_the_run_uses(monkeypatch, train_type, device, cuda, peft, liger):
+    import torch
+
+    from selftune.args import SftArgs
+    from selftune.commands.sft import later_imports
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    names = later_imports(SftArgs(train_type=train_type, device=device))
+    assert ("peft" in names) == peft
+    assert ("liger_kernel.transformers.monkey_patch" in names) == liger
+    assert "matplotlib.figure" in names

@@ -6,8 +6,6 @@ import dataclasses
 import gc
 import logging
 import platform
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +24,20 @@ IDENTITY_ADAPTER_SCALE = 0.7
 # what the steps after the model load import, imported while its weights are read (preload):
 # with the plot drawn without pyplot, the tutorial's cold start on an H200 took 2.0-3.7 s less
 LATER_IMPORTS = (
-    "peft",
-    "liger_kernel.transformers.monkey_patch",
     "torch.distributed.checkpoint.state_dict",
     "matplotlib.figure",
     "matplotlib.backends.backend_agg",
 )
+
+
+def later_imports(args: SftArgs) -> tuple[str, ...]:
+    """LATER_IMPORTS, with peft where adapters train and Liger where a GPU does."""
+    import torch
+
+    names = () if args.train_type == "full" else ("peft",)
+    if args.device != "cpu" and torch.cuda.is_available():
+        names += ("liger_kernel.transformers.monkey_patch",)
+    return names + LATER_IMPORTS
 
 
 def check_args(args: SftArgs) -> None:
@@ -110,39 +116,31 @@ def join_processes(args: SftArgs) -> None:
         args.device = f"cuda:{where.local_rank}" if torch.cuda.is_available() else "cpu"
 
 
-@contextmanager
-def no_collections() -> Iterator[None]:
-    """No cyclic garbage collection while start-up builds the heap that lives as long as the run
-    (torch, transformers, the model's modules): full passes over it found next to nothing and
-    took 0.8 s before the first step of a tiny model's run on a 2-core CPU."""
+def train_run(args: SftArgs) -> Path:
+    """The whole `sft` job; returns the last checkpoint.
+
+    Start-up (imports, data, model) runs with the cyclic garbage collector off: it builds a heap
+    that lives as long as the run, and full passes over it found next to nothing (0.8 s before
+    the first step of a tiny model's run on a 2-core CPU). Training then runs with that heap
+    frozen, so that its collections scan only what training makes."""
     enabled = gc.isenabled()
     gc.disable()
+    frozen = False
     try:
-        yield
+        job = prepare(args)
+        frozen = gc.get_freeze_count() == 0  # a caller's own frozen heap is left as it is
+        if frozen:
+            gc.freeze()  # zeroes the count too: turning the collector on starts no pass
     finally:
         if enabled:
             gc.enable()
-
-
-@contextmanager
-def heap_frozen() -> Iterator[None]:
-    """Collections during training scan only what training makes: what start-up built is set
-    aside (`gc.freeze`) and given back to the collector after."""
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-
-
-def train_run(args: SftArgs) -> Path:
-    """The whole `sft` job; returns the last checkpoint."""
-    with no_collections():
-        job = prepare(args)
     from selftune.train import train
 
-    with heap_frozen():
+    try:
         return train(*job)
+    finally:
+        if frozen:
+            gc.unfreeze()
 
 
 def prepare(args: SftArgs) -> tuple[Any, ...]:
@@ -214,7 +212,7 @@ def prepare(args: SftArgs) -> tuple[Any, ...]:
 
     seed_everything(args.seed)
     model, tokenizer, folder = load_model(
-        str(folder), args.torch_dtype, args.device, args.quant_bits, tokenizer, LATER_IMPORTS
+        str(folder), args.torch_dtype, args.device, args.quant_bits, tokenizer, later_imports(args)
     )
     device = str(next(model.parameters()).device)
     if args.replay > 0:

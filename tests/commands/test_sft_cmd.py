@@ -267,27 +267,39 @@ def test_a_loss_that_turns_nan_stops_the_run_and_saves_nothing(tmp_path, smol_to
 
 @pytest.fixture
 def recorded_run(monkeypatch):
-    """`train_run` with preparation and training replaced by recorders of the collector's state."""
+    """`train_run` with preparation and training replaced by recorders of the collector's state;
+    preparation builds a heap of 200,000 objects, as start-up does."""
     import gc
 
     import selftune.train
     from selftune.commands import sft
 
     seen: dict = {}
+    collections: list[int] = []
+
+    def count(phase, info):
+        if phase == "start":
+            collections.append(info["generation"])
 
     def prepare(args):
         seen["prepare"] = gc.isenabled()
         if args == "bad":
             raise sft.SelftuneError("bad rows")
-        return ("model", "batches")
+        heap = [[] for _ in range(200_000)]
+        collections.clear()
+        return (args, heap)
 
     def train(*job):
-        seen["train"] = (gc.isenabled(), gc.get_freeze_count() > 0, job)
+        seen["train"] = (gc.isenabled(), gc.get_freeze_count() > 0, job[0], len(collections))
+        if job[0] == "fails":
+            raise RuntimeError("out of memory")
         return Path("checkpoint-10")
 
     monkeypatch.setattr(sft, "prepare", prepare)
     monkeypatch.setattr(selftune.train, "train", train)
-    return sft.train_run, seen
+    gc.callbacks.append(count)
+    yield sft.train_run, seen
+    gc.callbacks.remove(count)
 
 
 def test_start_up_runs_without_collections_training_on_a_frozen_heap(recorded_run):
@@ -295,7 +307,8 @@ def test_start_up_runs_without_collections_training_on_a_frozen_heap(recorded_ru
 
     train_run, seen = recorded_run
     assert train_run("args") == Path("checkpoint-10")
-    assert seen == {"prepare": False, "train": (True, True, ("model", "batches"))}
+    # no pass over the start-up heap between the two either: it was frozen before gc came back
+    assert seen == {"prepare": False, "train": (True, True, "args", 0)}
     assert gc.isenabled() and gc.get_freeze_count() == 0  # as before, after the run
 
 
@@ -308,4 +321,14 @@ def test_a_failed_start_up_gives_the_collector_back(recorded_run):
     with pytest.raises(SelftuneError, match="bad rows"):
         train_run("bad")
     assert seen == {"prepare": False}
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+def test_a_failed_training_gives_the_heap_back(recorded_run):
+    import gc
+
+    train_run, seen = recorded_run
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train_run("fails")
+    assert seen["train"][:2] == (True, True)
     assert gc.isenabled() and gc.get_freeze_count() == 0
