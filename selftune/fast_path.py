@@ -36,12 +36,13 @@ def apply_liger(model: Any) -> bool:
     same process would fail in Triton)."""
     if importlib.util.find_spec("liger_kernel") is None:
         return False
-    name = LIGER_PATCHES.get(model.config.model_type)
+    family = model.config.model_type
+    name = LIGER_PATCHES.get(family)
     if name is None:
         return False
     import liger_kernel.transformers as liger
 
-    family = model.config.model_type  # the module Liger patches, whatever the model's class
+    # the module Liger patches, whatever the model's own class
     module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
     before = dict(vars(module))
     try:

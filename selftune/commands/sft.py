@@ -32,10 +32,10 @@ LATER_IMPORTS = (
 
 def later_imports(args: SftArgs) -> tuple[str, ...]:
     """LATER_IMPORTS, with peft where adapters train and Liger where a GPU does."""
-    import torch
+    from selftune.models import pick_device
 
     names = () if args.train_type == "full" else ("peft",)
-    if args.device != "cpu" and torch.cuda.is_available():
+    if pick_device(args.device).startswith("cuda"):
         names += ("liger_kernel.transformers.monkey_patch",)
     return names + LATER_IMPORTS
 
