@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from selftune import step_graphs as step_graphs_module  # noqa: E402
 from selftune.batches import StepRows, assemble, packed, step_pack_tokens  # noqa: E402
 from selftune.data.encode import Example  # noqa: E402
 from selftune.fast_path import (  # noqa: E402
@@ -44,6 +45,7 @@ USE_VARLEN = True
 USE_GROUPED_LORA = True
 USE_GRAPHS = True
 PROFILE = False
+PROFILE_STACKS = False
 
 
 def build(config_path: str, device: str):
@@ -203,8 +205,11 @@ def timed(step, model, steps_batches, warmup: int, graphs=None):
         step = functools.partial(step, graphs=graphs)
     if torch.cuda.is_available():  # from before the warm-up: a graph's memory is taken there
         torch.cuda.reset_peak_memory_stats()
+    warm_peaks = []  # the peak so far after each warm-up step: where the memory is taken
     for batches in steps_batches[:warmup]:
         step(model, batches, optimizer)
+        if torch.cuda.is_available():
+            warm_peaks.append(round(torch.cuda.max_memory_allocated() / 2**30, 2))
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     started = time.perf_counter()
@@ -225,6 +230,7 @@ def timed(step, model, steps_batches, warmup: int, graphs=None):
         "steps": measured,
         "peak_gib": round(peak, 2),
         "reserved_gib": round(reserved, 2),
+        "warmup_peaks_gib": warm_peaks,
         **(
             {"graphs": len(graphs.graphs), "replays": graphs.replays, "failure": graphs.failure}
             if graphs
@@ -283,11 +289,15 @@ def profile_step(model, batches) -> None:
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
     selftune_step(model, batches, optimizer)
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    with profile(activities=activities, with_stack=PROFILE_STACKS) as prof:
         selftune_step(model, batches, optimizer)
         torch.cuda.synchronize()
     events = prof.key_averages()
     print(events.table(sort_by="self_cuda_time_total", row_limit=40), flush=True)
+    if PROFILE_STACKS:  # where the operators come from: the Python frames that called them
+        by_stack = prof.key_averages(group_by_stack_n=6)
+        print(by_stack.table(sort_by="self_cuda_time_total", row_limit=60), flush=True)
     # host time: a short step is bound by it (the tutorial's 350-token packs)
     print(events.table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
 
@@ -391,14 +401,25 @@ def main() -> None:
     parser.add_argument("--no_liger", action="store_true")
     parser.add_argument("--no_grouped_lora", action="store_true")
     parser.add_argument("--no_graphs", action="store_true", help="every pass eager")
+    parser.add_argument(
+        "--graph_tokens",
+        type=int,
+        default=step_graphs_module.MAX_TOKENS,
+        help="longest pass replayed as a CUDA graph (selftune.step_graphs.MAX_TOKENS)",
+    )
     parser.add_argument("--profile", action="store_true", help="kernel table of a selftune step")
+    parser.add_argument(
+        "--profile_stacks", action="store_true", help="with --profile: also by calling frames"
+    )
     parser.add_argument("--no_varlen", action="store_true")
     parser.add_argument("--qlora", action="store_true", help="add the 4-bit QLoRA case")
     args = parser.parse_args()
-    global USE_LIGER, USE_VARLEN, USE_GROUPED_LORA, PROFILE, USE_GRAPHS
+    global USE_LIGER, USE_VARLEN, USE_GROUPED_LORA, PROFILE, USE_GRAPHS, PROFILE_STACKS
     USE_GRAPHS = not args.no_graphs
+    step_graphs_module.MAX_TOKENS = args.graph_tokens
     USE_LIGER, USE_VARLEN = not args.no_liger, not args.no_varlen
     USE_GROUPED_LORA, PROFILE = not args.no_grouped_lora, args.profile
+    PROFILE_STACKS = args.profile_stacks
     device = "cuda" if torch.cuda.is_available() else "cpu"
     vocab = json.loads(Path(args.config).read_text())["vocab_size"]
     cases = args.case or ["seq2048", "best", "tutorial", "mixed"]

@@ -41,10 +41,11 @@ MAX_GRAPHS = 8  # distinct shapes captured; each holds its activations in one sh
 # label positions and the longest conversation round up to these multiples
 TOKEN_STEP, SEGMENT_STEP, LABEL_STEP, LENGTH_STEP = 256, 4, 256, 64
 PAD_BELOW = 4096  # tokens: longer packs keep their shape (padding would cost more than it saves)
-# tokens: longer passes run eagerly. Their GPU time hides most of the host's, and a capture of
-# four checkpointed 2048-token rows of the 7B model peaked at 31.3 GiB where the eager pass
-# peaks at 18.3 (bench/README.md)
-MAX_TOKENS = 4096
+# tokens: longer passes run eagerly. Three checkpointed 2048-token rows of the 7B model (6,144
+# tokens) ran 9.5% faster replayed than eager, in 0.2 GiB more (bench/README.md). Four rows
+# (8,192) peak at 31 GiB eager as replayed: the 31.3 GiB once put down to their capture is the
+# eager pass's own first step
+MAX_TOKENS = 8192
 
 
 def round_up(n: int, step: int) -> int:

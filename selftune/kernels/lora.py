@@ -4,8 +4,9 @@ PEFT runs each adapted Linear alone: the input is cast to the adapters' float32,
 multiplied by A and B per module, so q, k and v (or gate and up) each keep their own float32
 copy of the same input for backward, and each costs a dozen small launches. Here the projections
 that share an input form a group: one dropout mask and one GEMM for all their A matrices
-(stacked), each B added into its base output in place, all in the compute dtype (bf16 on a GPU),
-and only the dropped-out input (once) and the rank-r products kept for backward. The float32
+(stacked), each B's product written first and its base GEMM accumulated into it, all in the
+compute dtype (bf16 on a GPU), and only the dropped-out input (once) and the rank-r products
+kept for backward; the frozen base weights are not saved (see GroupedLora). The float32
 adapter weights stay the optimizer's master copy: their gradients come back in float32.
 
 One mask per group, where PEFT draws one per module: the same dropout rate, correlated across
@@ -18,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 OPTIMIZER_STEPS = [0]  # steps of any torch optimizer in this process (a cache-key part)
@@ -41,28 +41,39 @@ def watch_optimizers() -> None:
 
 
 class GroupedLora(torch.autograd.Function):
-    """outputs_i = x @ W_i.T + b_i + s_i * (dropout(x) @ A_i.T) @ B_i.T for the members i."""
+    """The group's adapter half: s_i * (dropout(x) @ A_i.T) @ B_i.T (+ b_i) for the members i.
+
+    `FrozenBase` then adds x @ W_i.T into these outputs in place, and this node's backward gives
+    x its whole gradient (base and adapter), so the frozen weights are never saved. That order
+    lets a checkpointed layer's recompute stop before the base GEMM of its last projection
+    (down_proj): nothing is saved after this node, and torch's non-reentrant checkpoint stops
+    recomputing once every saved tensor is back (`early_stop`). The adapter outputs are written
+    first and each base GEMM accumulates into them (beta = 1), where adding B's product after the
+    base GEMM read and wrote every output once more."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float, lowrank: tuple, *tensors):
-        """`lowrank`: (stacked A, scaled Bs, scales) in the compute dtype (compute_lowrank)."""
+        """`lowrank`: (stacked A, scaled Bs, scales) in the compute dtype (compute_lowrank);
+        `tensors`: the members' base weights, biases, then their float32 A (for the dtypes of
+        their gradients)."""
         a_all, b_scaled, scales = lowrank
         k = len(b_scaled)
         weights, biases, lora_a = tensors[:k], tensors[k : 2 * k], tensors[2 * k : 3 * k]
         dtype = a_all.dtype
-        outputs, dropped, mask, low = grouped_outputs(x, p, a_all, b_scaled, weights, biases)
+        outputs, dropped, mask, low = adapter_outputs(x, p, a_all, b_scaled, biases)
         ctx.p, ctx.k, ctx.dtype = p, k, dtype
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-        ctx.save_for_backward(dropped, mask, low, a_all, *weights, *b_scaled, *lora_a)
+        ctx.weights = weights  # frozen: kept by reference, not saved (see the class docstring)
+        ctx.save_for_backward(dropped, mask, low, a_all, *b_scaled, *lora_a)
         ctx.scales = scales
         return tuple(outputs)
 
     @staticmethod
     def backward(ctx, *grads):
-        k, dtype = ctx.k, ctx.dtype
+        k, dtype, weights = ctx.k, ctx.dtype, ctx.weights
         saved = ctx.saved_tensors
         dropped, mask, low, a_all = saved[:4]
-        weights, b_scaled, lora_a = saved[4 : 4 + k], saved[4 + k : 4 + 2 * k], saved[4 + 2 * k :]
+        b_scaled, lora_a = saved[4 : 4 + k], saved[4 + k :]
         tokens = dropped.shape[0]
         with torch.autocast(dropped.device.type, enabled=False):
             g2 = [
@@ -74,16 +85,14 @@ class GroupedLora(torch.autograd.Function):
             grad_low = torch.cat([g @ b for g, b in zip(g2, b_scaled)], dim=1)
             grad_x = None
             if ctx.needs_input_grad[0]:
-                grad_x = g2[0] @ weights[0].to(dtype)
-                for g, weight in zip(g2[1:], weights[1:]):
-                    grad_x.addmm_(g, weight.to(dtype))
-                if mask is None:
-                    grad_x.addmm_(grad_low, a_all)
-                else:  # dropout's own fused backward (a bool mask and a bf16 product in one
-                    # mixed-dtype elementwise op ran 2x slower: bench/README.md)
-                    through_a = grad_low @ a_all
+                # the adapter's part first, then each base GEMM accumulates into it (beta = 1)
+                grad_x = grad_low @ a_all
+                if mask is not None:  # dropout's own fused backward (a bool mask and a bf16
+                    # product in one mixed-dtype elementwise op ran 2x slower: bench/README.md)
                     scale = 1.0 / (1.0 - ctx.p)
-                    grad_x.add_(torch.ops.aten.native_dropout_backward(through_a, mask, scale))
+                    grad_x = torch.ops.aten.native_dropout_backward(grad_x, mask, scale)
+                for g, weight in zip(g2, weights):
+                    grad_x.addmm_(g, weight.to(dtype))
                 grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
             grad_a = (grad_low.t() @ dropped).split([a.shape[0] for a in lora_a])
             grads_a = [g.to(a.dtype) for g, a in zip(grad_a, lora_a)]
@@ -95,10 +104,24 @@ class GroupedLora(torch.autograd.Function):
         return (grad_x, None, None, *([None] * (2 * k)), *grads_a, *grads_b)
 
 
-def grouped_outputs(x, p: float, a_all, b_scaled, weights, biases) -> tuple:
-    """The group's outputs, and what backward needs: the dropped-out input, its mask (None
-    without dropout) and the rank-r products. Also the whole no-grad path (decode): one GEMM
-    for the stacked A, then per member its base GEMM and its B added in place."""
+class FrozenBase(torch.autograd.Function):
+    """outputs_i += x @ W_i.T in place, for GroupedLora's outputs. Saves nothing and gives x no
+    gradient here: GroupedLora's backward includes the base weights' part of it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weights: tuple, *outputs: torch.Tensor):
+        add_base(x, weights, outputs)
+        ctx.mark_dirty(*outputs)
+        return outputs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None, None, *grads)
+
+
+def adapter_outputs(x, p: float, a_all, b_scaled, biases) -> tuple:
+    """Each member's adapter output (its bias included), and what backward needs: the
+    dropped-out input, its mask (None without dropout) and the rank-r products."""
     dtype = a_all.dtype
     with torch.autocast(x.device.type, enabled=False):
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
@@ -108,12 +131,36 @@ def grouped_outputs(x, p: float, a_all, b_scaled, weights, biases) -> tuple:
             dropped, mask = torch.native_dropout(x2, p, True)
         low = dropped @ a_all.t()  # (tokens, sum of ranks)
         outputs, start = [], 0
-        for weight, bias, b in zip(weights, biases, b_scaled):
-            out = F.linear(x2, weight.to(dtype), None if bias is None else bias.to(dtype))
-            out.addmm_(low[:, start : start + b.shape[1]], b.t())
+        for bias, b in zip(biases, b_scaled):
+            part = low[:, start : start + b.shape[1]]
+            if bias is None:
+                out = part @ b.t()
+            else:
+                out = torch.addmm(bias.to(dtype), part, b.t())
             start += b.shape[1]
-            outputs.append(out.view(*x.shape[:-1], out.shape[-1]))
+            outputs.append(out)  # (tokens, out features): not a view, FrozenBase adds into it
     return outputs, dropped, mask, low
+
+
+def add_base(x, weights, outputs) -> None:
+    """outputs_i += x @ W_i.T, each base GEMM accumulating into its output (beta = 1)."""
+    with torch.autocast(x.device.type, enabled=False):
+        dtype = outputs[0].dtype
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        for weight, out in zip(weights, outputs):
+            out.addmm_(x2, weight.to(dtype).t())
+
+
+def grouped_outputs(x, p: float, a_all, b_scaled, weights, biases) -> list:
+    """The group's outputs without autograd (decode): the adapter halves, then the base GEMMs
+    accumulated into them."""
+    outputs = adapter_outputs(x, p, a_all, b_scaled, biases)[0]
+    add_base(x, weights, outputs)
+    return unflatten(outputs, x)
+
+
+def unflatten(outputs, x: torch.Tensor) -> list:
+    return [out.view(*x.shape[:-1], out.shape[-1]) for out in outputs]
 
 
 def compute_lowrank(lora_a, lora_b, scales, dtype, into: tuple | None = None) -> tuple:
@@ -140,7 +187,7 @@ def same_layout(new: tuple, old: tuple) -> bool:
 @dataclass
 class LoraGroup:
     """PEFT LoRA Linear layers that read the same input; their outputs for the last input are
-    kept until each member has taken its own, so the group runs once per input. The adapter is
+    dropped until each member has taken its own, so the group runs once per input. The adapter is
     whichever one is active when it runs (the server switches them per request)."""
 
     modules: list[Any]
@@ -163,10 +210,11 @@ class LoraGroup:
         lowrank = self.current_lowrank(name, adapters, x.device.type)
         if not torch.is_grad_enabled():  # decode: no autograd record, no dropout
             a_all, b_scaled, _ = lowrank
-            return grouped_outputs(x, 0.0, a_all, b_scaled, weights, biases)[0]
+            return grouped_outputs(x, 0.0, a_all, b_scaled, weights, biases)
         training = self.modules[0].training
         p = dropout_rate(self.modules[0], name) if training else 0.0
-        return list(GroupedLora.apply(x, p, lowrank, *weights, *biases, *adapters))
+        adapted = GroupedLora.apply(x, p, lowrank, *weights, *biases, *adapters)
+        return unflatten(FrozenBase.apply(x.detach(), tuple(weights), *adapted), x)
 
     def adapter_weights(self, name: str) -> list[torch.Tensor]:
         """Every member's A, then every member's B."""

@@ -202,6 +202,44 @@ def test_checkpointed_layers_recompute_the_same_gradients():
         torch.testing.assert_close(checked_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
+class WeightReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the operators, views left out, that read each watched weight's storage."""
+
+    def __init__(self, weights: dict[str, torch.Tensor]):
+        super().__init__()
+        self.storages = {w.untyped_storage().data_ptr(): name for name, w in weights.items()}
+        self.reads = dict.fromkeys(weights, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for arg in [] if func.is_view else torch.utils._pytree.tree_leaves((args, kwargs or {})):
+            if isinstance(arg, torch.Tensor):
+                name = self.storages.get(arg.untyped_storage().data_ptr())
+                if name is not None:
+                    self.reads[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_checkpointed_recompute_stops_before_the_last_base_gemm():
+    """Backward of a checkpointed layer reads down_proj's frozen weight once (its input
+    gradient), o_proj's twice (the recompute needs its output, then its input gradient)."""
+    from selftune.fast_path import set_checkpointing
+
+    model = lora_model(build_tiny_qwen2, dropout=0.1)
+    fuse_lora(model)
+    set_checkpointing(model.get_base_model(), None)
+    layer = model.get_base_model().model.layers[0]
+    weights = {
+        "down": layer.mlp.down_proj.base_layer.weight,
+        "o": layer.self_attn.o_proj.base_layer.weight,
+        "gate": layer.mlp.gate_proj.base_layer.weight,
+    }
+    loss = model(**packed_batch([9, 14])).loss
+    watch = WeightReads(weights)
+    with watch:
+        loss.backward()
+    assert watch.reads == {"down": 1, "o": 2, "gate": 2}
+
+
 def test_dora_and_mixed_adapter_batches_keep_peft():
     from peft import LoraConfig, get_peft_model
 
