@@ -119,3 +119,26 @@ def run_selftune(*args, stdin: str = "", env: dict | None = None, timeout: int =
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+def run_interpreted(module: str, call: str) -> None:
+    """`module.call` (a test module of tests/kernels) with the Triton kernels under Triton's
+    interpreter, on the CPU, in a process of its own: Triton decides at import whether its own
+    kernels (tl.max, tl.argmax...) run interpreted, and other tests may have imported it. Skips
+    where Triton is not installed (CI's CPU machine); GPU tests cover the compiled kernels.
+    float16 only: the interpreter's bfloat16 is not exact."""
+    import importlib.util
+    from pathlib import Path
+
+    import pytest
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton is not installed")
+    here = Path(__file__).parent
+    paths = [str(here / "kernels"), str(here), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(paths)}
+    code = f"import torch, {module}; {module}.{call}"
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-4000:]

@@ -3,14 +3,16 @@
 For a 152k vocabulary the logits of 2048 label positions take 1.2 GB in float32, and autograd
 would keep them for backward. Here the forward pass computes, per chunk of positions, the loss
 and the gradient with respect to the hidden states (softmax minus one-hot, through the frozen
-head), keeps only that gradient (positions x hidden), and backward scales it. Liger's fused
-linear cross-entropy does the same in Triton; this is the plain-PyTorch version that runs
-everywhere, and the one used when Liger is not installed.
+head), keeps only that gradient (positions x hidden), and backward scales it. On a GPU with
+Triton, each chunk's loss and gradient come from one kernel (kernels.ce_rows); elsewhere from
+the plain-PyTorch version here, which runs everywhere.
 """
 
 from __future__ import annotations
 
 import torch
+
+from selftune.kernels import ce_rows
 
 IGNORE_INDEX = -100
 CHUNK = 512  # label positions per chunk: 512 x 152k float32 logits = 0.3 GB at a time
@@ -31,7 +33,15 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             target = targets[start : start + chunk]
             valid = target != IGNORE_INDEX  # padding (step_graphs) counts for nothing
             safe = target.clamp(min=0)
-            logits = (part @ weight.t()).to(acc)
+            logits = part @ weight.t()
+            if ce_rows.usable(logits):  # one kernel over the chunk; gradient in place
+                losses, hits = ce_rows.ce_rows(logits, target, grad_hidden is not None)
+                loss += losses.sum()
+                correct += hits.sum()
+                if grad_hidden is not None:
+                    grad_hidden[start : start + chunk] = logits @ weight
+                continue
+            logits = logits.to(acc)
             lse = torch.logsumexp(logits, dim=-1)
             loss += ((lse - logits.gather(1, safe[:, None]).squeeze(1)) * valid).sum()
             correct += (logits.argmax(-1) == target).sum()

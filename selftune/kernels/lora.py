@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from selftune.kernels import dropout as fused_dropout
+
 SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 OPTIMIZER_STEPS = [0]  # steps of any torch optimizer in this process (a cache-key part)
 ROUTINGS = [0]  # fuse_lora / unfuse_lora calls that changed a model: captured graphs go stale
@@ -86,9 +88,12 @@ class GroupedLora(torch.autograd.Function):
             grad_x = None
             if ctx.needs_input_grad[0]:
                 # the adapter's part first, then each base GEMM accumulates into it (beta = 1)
-                grad_x = grad_low @ a_all
-                if mask is not None:  # dropout's own fused backward (a bool mask and a bf16
-                    # product in one mixed-dtype elementwise op ran 2x slower: bench/README.md)
+                if mask is not None and mask.dtype != torch.bool:  # a seed: one Triton pass
+                    grad_x = fused_dropout.input_grad(grad_low, a_all, ctx.p, mask)
+                else:
+                    grad_x = grad_low @ a_all
+                if mask is not None and mask.dtype == torch.bool:  # dropout's own backward (a
+                    # bool mask and a bf16 product in one mixed-dtype op ran 2x slower)
                     scale = 1.0 / (1.0 - ctx.p)
                     grad_x = torch.ops.aten.native_dropout_backward(grad_x, mask, scale)
                 for g, weight in zip(g2, weights):
@@ -121,13 +126,17 @@ class FrozenBase(torch.autograd.Function):
 
 def adapter_outputs(x, p: float, a_all, b_scaled, biases) -> tuple:
     """Each member's adapter output (its bias included), and what backward needs: the
-    dropped-out input, its mask (None without dropout) and the rank-r products."""
+    dropped-out input, its mask (None without dropout; on a GPU the Triton kernels' one-element
+    int64 seed instead of a bool mask: kernels.dropout) and the rank-r products."""
     dtype = a_all.dtype
     with torch.autocast(x.device.type, enabled=False):
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         mask = None
         dropped = x2
-        if p > 0:
+        if p > 0 and fused_dropout.usable(x2):  # the mask is drawn again in backward
+            mask = fused_dropout.draw_seed(x2.device)
+            dropped = fused_dropout.dropped(x2, p, mask)
+        elif p > 0:
             dropped, mask = torch.native_dropout(x2, p, True)
         low = dropped @ a_all.t()  # (tokens, sum of ranks)
         outputs, start = [], 0

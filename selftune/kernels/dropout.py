@@ -1,0 +1,87 @@
+"""LoRA's input dropout on a GPU in Triton: the mask drawn from a seed, never stored.
+
+PyTorch's dropout writes a bool mask beside the dropped copy, and its backward reads the mask
+again, after a GEMM has written the adapter's input gradient (grad_low @ A) for it to read:
+for down_proj's 18,944-wide input of 6,144 tokens that is 233 MB written and read twice more
+per layer, and the forward kernel ran at about 60% of the H200's bandwidth (bench/README.md).
+Here the forward writes only the dropped copy, and the backward computes
+`keep * scale * (grad_low @ A)` in one pass, the rank-r product on the fly, the mask drawn
+again from the same seed: its output is the only large tensor it touches.
+
+The mask of element (row, column) comes from Philox at a counter that depends on the row and
+the column's tile alone (`keep`), so the forward and the backward tile the columns alike and
+draw four numbers per call. The seed is a one-element tensor drawn from PyTorch's CUDA
+generator: a CUDA graph draws a new one at each replay, and a checkpointed layer's recompute,
+with the generator's state restored, draws the forward's seed again.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+# a program's tile: ROWS rows by four parts of PART columns. Philox4x32 with 7 rounds (Triton's
+# default is 10; 7 pass the BigCrush tests, Salmon et al. 2011): the kernels are bound by the
+# generator's arithmetic, and at 10 rounds they were no faster than PyTorch's dropout; at 7, with
+# 32 x 128 tiles, 162 against 195 us forward and 134 against 219 us backward for down_proj's
+# input of 6,144 tokens on an H200 (.bench numbers in bench/README.md)
+ROWS, PART = 32, 128
+ROUNDS = 7
+
+
+@functools.cache
+def kernels():
+    """The module of compiled kernels, or None where Triton is not installed."""
+    try:
+        from selftune.kernels import triton_kernels
+    except ImportError:
+        return None
+    return triton_kernels
+
+
+def usable(x: torch.Tensor) -> bool:
+    """16-bit rows on a GPU, few enough elements for 32-bit Philox counters, Triton installed."""
+    return (
+        x.is_cuda
+        and x.dim() == 2
+        and x.dtype in (torch.float16, torch.bfloat16)
+        and x.is_contiguous()
+        and x.numel() < 2**31 - 4 * PART * x.shape[0]
+        and kernels() is not None
+    )
+
+
+def draw_seed(device: torch.device) -> torch.Tensor:
+    """A Philox seed from PyTorch's generator for `device` (graph-safe, checkpoint-restored)."""
+    return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
+
+
+def grid(rows: int, cols: int) -> tuple[tuple[int, int], int]:
+    tiles = -(-cols // (4 * PART))
+    return (-(-rows // ROWS), tiles), tiles
+
+
+def dropped(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    """x with each element zeroed with probability p and the rest scaled by 1 / (1 - p)."""
+    out = torch.empty_like(x)
+    shape, tiles = grid(*x.shape)
+    args = (x, out, seed, x.shape[0], x.shape[1], tiles, p, 1.0 / (1.0 - p))
+    kernels().dropout_forward[shape](*args, rows_per=ROWS, part=PART, rounds=ROUNDS)
+    return out
+
+
+def input_grad(low_grad: torch.Tensor, a_all: torch.Tensor, p: float, seed: torch.Tensor):
+    """The adapter's part of the input's gradient, `keep * (low_grad @ a_all) / (1 - p)`, for
+    the mask `dropped` drew from `seed`: (tokens, ranks) @ (ranks, in) -> (tokens, in)."""
+    low_grad, a_all = low_grad.contiguous(), a_all.contiguous()
+    rows, rank = low_grad.shape
+    cols = a_all.shape[1]
+    out = torch.empty(rows, cols, dtype=a_all.dtype, device=a_all.device)
+    shape, tiles = grid(rows, cols)
+    ranks_per = max(16, 1 << (rank - 1).bit_length())
+    args = (low_grad, a_all, out, seed, rows, cols, rank, tiles, p, 1.0 / (1.0 - p))
+    kernels().dropout_backward[shape](
+        *args, rows_per=ROWS, part=PART, ranks_per=ranks_per, rounds=ROUNDS
+    )
+    return out
