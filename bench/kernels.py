@@ -1,0 +1,144 @@
+"""Micro-benchmarks of the training kernels that selftune chose between, on one GPU.
+
+    python bench/kernels.py
+
+Attention for three 2048-token rows of the 7B model (28 query and 4 key/value heads of 128),
+forward and forward + backward: the varlen flash kernel (key/value heads repeated, as torch 2.11's
+`varlen_attn` has no grouped heads) against SDPA's flash and cuDNN kernels, grouped or repeated.
+LoRA input dropout for 6,144 tokens: PyTorch's dropout (and, for backward, the rank-r GEMM plus
+dropout's backward) against the Triton kernels of selftune.kernels.dropout at several Philox
+rounds and tiles. Times in ms (attention) and us (dropout), as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from selftune.kernels import dropout as fused_dropout  # noqa: E402
+
+
+def timed(fn, calls: int = 20) -> float:
+    """Seconds per call, after three warm-up calls."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - started) / calls
+
+
+def attention(rows: int = 3, length: int = 2048, heads: int = 28, kv: int = 4, dim: int = 128):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.varlen import varlen_attn
+
+    def make(n):
+        return torch.randn(rows * length, n, dim, device="cuda", dtype=torch.bfloat16)
+
+    q, k, v = (make(n).requires_grad_() for n in (heads, kv, kv))
+    grad = torch.randn_like(q)
+    cu = torch.arange(0, rows * length + 1, length, device="cuda", dtype=torch.int32)
+
+    def repeat(t):
+        return t.repeat_interleave(heads // kv, dim=1)
+
+    def varlen():
+        return varlen_attn(q, repeat(k), repeat(v), cu, cu, length, length, window_size=(-1, 0))
+
+    def as_batch(t):
+        return t.view(rows, length, t.shape[1], dim).transpose(1, 2)
+
+    results = {}
+
+    def record(name, forward, reference=None):
+        def backward():
+            forward().backward(grad)
+
+        with torch.no_grad():
+            out = forward()
+            results[name] = {"forward_ms": round(timed(forward) * 1e3, 3)}
+        results[name]["forward_backward_ms"] = round(timed(backward) * 1e3, 3)
+        if reference is not None:
+            results[name]["max_diff"] = (out.float() - reference.float()).abs().max().item()
+        return out
+
+    reference = record("varlen_flash_repeated", varlen)
+    for backend_name, backend in (
+        ("cudnn", SDPBackend.CUDNN_ATTENTION),
+        ("flash", SDPBackend.FLASH_ATTENTION),
+    ):
+        for grouped in (True, False):
+
+            def sdpa(backend=backend, grouped=grouped):
+                kk, vv = (k, v) if grouped else (repeat(k), repeat(v))
+                with sdpa_kernel([backend]):
+                    out = F.scaled_dot_product_attention(
+                        as_batch(q), as_batch(kk), as_batch(vv), is_causal=True, enable_gqa=grouped
+                    )
+                return out.transpose(1, 2).reshape(rows * length, heads, dim)
+
+            name = f"sdpa_{backend_name}_{'grouped' if grouped else 'repeated'}"
+            try:
+                record(name, sdpa, reference)
+            except RuntimeError as error:
+                results[name] = {"error": str(error).splitlines()[0]}
+    return results
+
+
+SETTINGS = [(10, 64, 64), (7, 64, 64), (10, 32, 128), (7, 32, 128)]  # rounds, rows, part
+
+
+def dropout_row(tokens: int, width: int, rank: int, p: float) -> dict:
+    x = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16)
+    low = torch.randn(tokens, rank, device="cuda", dtype=torch.bfloat16)
+    a = torch.randn(rank, width, device="cuda", dtype=torch.bfloat16)
+    _, mask = torch.native_dropout(x, p, True)
+    row = {
+        "torch_forward_us": timed(lambda: torch.native_dropout(x, p, True), 30),
+        "torch_mm_backward_us": timed(
+            lambda: torch.ops.aten.native_dropout_backward(low @ a, mask, 1 / (1 - p)), 30
+        ),
+        "copy_us": timed(x.clone, 30),
+    }
+    seed = fused_dropout.draw_seed(x.device)
+    landed = (fused_dropout.ROUNDS, fused_dropout.ROWS, fused_dropout.PART)
+    for rounds, rows, part in SETTINGS:
+        fused_dropout.ROUNDS, fused_dropout.ROWS, fused_dropout.PART = rounds, rows, part
+        tag = f"triton_{rounds}_rounds_{rows}x{4 * part}"
+        row[tag + "_forward_us"] = timed(lambda: fused_dropout.dropped(x, p, seed), 30)
+        row[tag + "_backward_us"] = timed(lambda: fused_dropout.input_grad(low, a, p, seed), 30)
+    fused_dropout.ROUNDS, fused_dropout.ROWS, fused_dropout.PART = landed
+    return {k: round(v * 1e6, 1) for k, v in row.items()}
+
+
+def dropout(tokens: int = 6144, p: float = 0.05) -> dict:
+    return {
+        f"{tokens}x{width}_rank{rank}": dropout_row(tokens, width, rank, p)
+        for width, rank in ((18944, 8), (3584, 24))
+    }
+
+
+def main() -> None:
+    if not torch.cuda.is_available():
+        sys.exit("bench/kernels.py: needs a CUDA GPU")
+    record = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "cudnn": torch.backends.cudnn.version(),
+        "attention": attention(),
+        "dropout": dropout(),
+    }
+    print(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main()
