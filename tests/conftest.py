@@ -93,12 +93,12 @@ class TutorialRun:
 
 def tutorial_run_job(selftune, output: Path) -> TutorialRun:
     """The tutorial's 8 self-cognition rows on the embedded model with no flags but model and
-    data, as the README runs them, but cut to 30 of the 60 steps its defaults plan (15 are
+    data, as the README runs them, but cut to 20 of the 60 steps its defaults plan (15 are
     enough, 10 are not); then asked who it is."""
     data = Path(__file__).parent / "fixtures" / "self_cognition.json"
     done = selftune(
         "sft", "--model", "smollm2-135m", "--dataset", data, "--output_dir", output,
-        "--max_steps", "30",
+        "--max_steps", "20",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     (line,) = [x for x in done.stdout.splitlines() if x.startswith("last checkpoint: ")]

@@ -3,7 +3,7 @@
 PyTorch's dropout writes a bool mask beside the dropped copy, and its backward reads the mask
 again, after a GEMM has written the adapter's input gradient (grad_low @ A) for it to read:
 for down_proj's 18,944-wide input of 6,144 tokens that is 233 MB written and read twice more
-per layer, and the forward kernel ran at about 60% of the H200's bandwidth (bench/README.md).
+per layer.
 Here the forward writes only the dropped copy, and the backward computes
 `keep * scale * (grad_low @ A)` in one pass, the rank-r product on the fly, the mask drawn
 again from the same seed: its output is the only large tensor it touches.
@@ -21,11 +21,12 @@ import functools
 
 import torch
 
-# a program's tile: ROWS rows by four parts of PART columns. Philox4x32 with 7 rounds (Triton's
-# default is 10; 7 pass the BigCrush tests, Salmon et al. 2011): the kernels are bound by the
-# generator's arithmetic, and at 10 rounds they were no faster than PyTorch's dropout; at 7, with
-# 32 x 128 tiles, 162 against 195 us forward and 134 against 219 us backward for down_proj's
-# input of 6,144 tokens on an H200 (.bench numbers in bench/README.md)
+# a program's tile: ROWS rows by four parts of PART columns. Philox4x32 at 7 rounds: the Random123
+# paper (Salmon et al., 2011) reports 7 passing TestU01's BigCrush, and recommends Triton's
+# default of 10 as a margin. The kernels are bound by the generator's arithmetic: at 10 rounds
+# they were no faster than PyTorch's dropout; at 7, with 32 x 512 tiles, 162 against 195 us
+# forward and 134 against 219 us backward for down_proj's input of 6,144 tokens on an H200
+# (bench/kernels.py, bench/README.md)
 ROWS, PART = 32, 128
 ROUNDS = 7
 
