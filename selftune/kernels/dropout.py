@@ -29,6 +29,8 @@ import torch
 # (bench/kernels.py, bench/README.md)
 ROWS, PART = 32, 128
 ROUNDS = 7
+# the backward holds a group's whole stacked rank in one tile; wider groups keep PyTorch's dropout
+MAX_RANK = 128
 
 
 @functools.cache
@@ -41,10 +43,12 @@ def kernels():
     return triton_kernels
 
 
-def usable(x: torch.Tensor) -> bool:
-    """16-bit rows on a GPU, few enough elements for 32-bit Philox counters, Triton installed."""
+def usable(x: torch.Tensor, rank: int) -> bool:
+    """16-bit rows on a GPU, few enough elements for 32-bit Philox counters, a group's stacked
+    rank that one tile holds, Triton installed."""
     return (
-        x.is_cuda
+        rank <= MAX_RANK
+        and x.is_cuda
         and x.dim() == 2
         and x.dtype in (torch.float16, torch.bfloat16)
         and x.is_contiguous()
@@ -55,7 +59,7 @@ def usable(x: torch.Tensor) -> bool:
 
 def draw_seed(device: torch.device) -> torch.Tensor:
     """A Philox seed from PyTorch's generator for `device` (graph-safe, checkpoint-restored)."""
-    return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
+    return torch.randint(0, 2**63 - 1, (1,), device=device, dtype=torch.int64)  # Philox's key
 
 
 def grid(rows: int, cols: int) -> tuple[tuple[int, int], int]:

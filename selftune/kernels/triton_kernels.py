@@ -41,7 +41,7 @@ def ce_rows_kernel(
         best = tl.maximum(best, block_max)
     lse = running_max + tl.log(total)
     safe = tl.where(valid, target, 0)
-    picked = tl.load(base + safe).to(tl.float32)
+    picked = tl.load(base + safe, mask=safe < vocab, other=float("nan")).to(tl.float32)
     tl.store(losses + row, tl.where(valid, lse - picked, 0.0))
     tl.store(correct + row, (best_index == target).to(tl.int32))
     if write_grad:  # pass 2: softmax minus the one-hot target, over the logits

@@ -76,9 +76,9 @@ def test_equal_conversations_attend_within_themselves_with_gradients():
     out.backward(grad)
     for source, expected in zip(sources, want_grads):
         torch.testing.assert_close(source.grad, expected, atol=1e-5, rtol=1e-5)
-    # a changed conversation moves only its own outputs
+    # a changed key moves only the later outputs of its own conversation
     with torch.no_grad():
-        sources[0][0, 30] += 1.0
+        sources[1][0, 30] += 1.0
     moved = (attend(sources, kwargs, scale) - out).abs().amax(dim=(0, 2, 3))
     assert moved[:30].max() == 0 and moved[30:48].max() > 0 and moved[48:].max() == 0
 

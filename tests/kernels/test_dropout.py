@@ -38,11 +38,13 @@ def test_kernels_under_the_interpreter():
 
 
 def test_kernels_only_for_16_bit_rows_on_a_gpu():
-    assert not fused_dropout.usable(torch.zeros(4, 8, dtype=torch.bfloat16))  # on the CPU
+    assert not fused_dropout.usable(torch.zeros(4, 8, dtype=torch.bfloat16), 24)  # on the CPU
     if torch.cuda.is_available():
-        assert fused_dropout.usable(torch.zeros(4, 8, dtype=torch.bfloat16, device="cuda"))
-        assert not fused_dropout.usable(torch.zeros(4, 8, device="cuda"))  # float32
-        assert not fused_dropout.usable(torch.zeros(8, 4, dtype=torch.half, device="cuda").t())
+        half = torch.zeros(4, 8, dtype=torch.bfloat16, device="cuda")
+        assert fused_dropout.usable(half, 24)
+        assert not fused_dropout.usable(half, fused_dropout.MAX_RANK + 1)  # too wide a rank
+        assert not fused_dropout.usable(torch.zeros(4, 8, device="cuda"), 24)  # float32
+        assert not fused_dropout.usable(half.t().contiguous().t(), 24)  # not row-major
 
 
 @cuda
