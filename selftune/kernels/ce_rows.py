@@ -11,22 +11,11 @@ for rows whose target is -100. The head's GEMM then reads that gradient as it is
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-IGNORE_INDEX = -100
+from selftune.kernels import load_triton
+
 BLOCK = 4096  # vocabulary entries a program reads at a time
-
-
-@functools.cache
-def kernel():
-    """The compiled kernel, or None where Triton is not installed."""
-    try:
-        from selftune.kernels import triton_kernels
-    except ImportError:
-        return None
-    return triton_kernels.ce_rows_kernel
 
 
 def usable(logits: torch.Tensor) -> bool:
@@ -35,7 +24,7 @@ def usable(logits: torch.Tensor) -> bool:
         logits.is_cuda
         and logits.dtype in (torch.float16, torch.bfloat16)
         and logits.stride(-1) == 1
-        and kernel() is not None
+        and load_triton() is not None
     )
 
 
@@ -48,7 +37,7 @@ def ce_rows(
     losses = torch.empty(rows, dtype=torch.float32, device=logits.device)
     correct = torch.empty(rows, dtype=torch.int32, device=logits.device)
     if rows:
-        kernel()[(rows,)](
+        load_triton().ce_rows_kernel[(rows,)](
             logits, logits.stride(0), targets, losses, correct, vocab,
             write_grad=write_grad, block=BLOCK, num_warps=8,
         )  # fmt: skip

@@ -17,9 +17,9 @@ with the generator's state restored, draws the forward's seed again.
 
 from __future__ import annotations
 
-import functools
-
 import torch
+
+from selftune.kernels import load_triton
 
 # a program's tile: ROWS rows by four parts of PART columns. Philox4x32 at 7 rounds: the Random123
 # paper (Salmon et al., 2011) reports 7 passing TestU01's BigCrush, and recommends Triton's
@@ -33,16 +33,6 @@ ROUNDS = 7
 MAX_RANK = 128
 
 
-@functools.cache
-def kernels():
-    """The module of compiled kernels, or None where Triton is not installed."""
-    try:
-        from selftune.kernels import triton_kernels
-    except ImportError:
-        return None
-    return triton_kernels
-
-
 def usable(x: torch.Tensor, rank: int) -> bool:
     """16-bit rows on a GPU, few enough elements for 32-bit Philox counters, a group's stacked
     rank that one tile holds, Triton installed."""
@@ -53,7 +43,7 @@ def usable(x: torch.Tensor, rank: int) -> bool:
         and x.dtype in (torch.float16, torch.bfloat16)
         and x.is_contiguous()
         and x.numel() < 2**31 - 4 * PART * x.shape[0]
-        and kernels() is not None
+        and load_triton() is not None
     )
 
 
@@ -72,7 +62,7 @@ def dropped(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(x)
     shape, tiles = grid(*x.shape)
     args = (x, out, seed, x.shape[0], x.shape[1], tiles, p, 1.0 / (1.0 - p))
-    kernels().dropout_forward[shape](*args, rows_per=ROWS, part=PART, rounds=ROUNDS)
+    load_triton().dropout_forward[shape](*args, rows_per=ROWS, part=PART, rounds=ROUNDS)
     return out
 
 
@@ -86,7 +76,7 @@ def input_grad(low_grad: torch.Tensor, a_all: torch.Tensor, p: float, seed: torc
     shape, tiles = grid(rows, cols)
     ranks_per = max(16, 1 << (rank - 1).bit_length())
     args = (low_grad, a_all, out, seed, rows, cols, rank, tiles, p, 1.0 / (1.0 - p))
-    kernels().dropout_backward[shape](
+    load_triton().dropout_backward[shape](
         *args, rows_per=ROWS, part=PART, ranks_per=ranks_per, rounds=ROUNDS
     )
     return out

@@ -31,8 +31,6 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             part = hidden[start : start + chunk]
             target = targets[start : start + chunk]
-            valid = target != IGNORE_INDEX  # padding (step_graphs) counts for nothing
-            safe = target.clamp(min=0)
             logits = part @ weight.t()
             if ce_rows.usable(logits):  # one kernel over the chunk; gradient in place
                 losses, hits = ce_rows.ce_rows(logits, target, grad_hidden is not None)
@@ -41,6 +39,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 if grad_hidden is not None:
                     grad_hidden[start : start + chunk] = logits @ weight
                 continue
+            valid = target != IGNORE_INDEX  # padding (step_graphs) counts for nothing
+            safe = target.clamp(min=0)
             logits = logits.to(acc)
             lse = torch.logsumexp(logits, dim=-1)
             loss += ((lse - logits.gather(1, safe[:, None]).squeeze(1)) * valid).sum()
