@@ -73,8 +73,10 @@ def drop_part(x, out, rows, cols, n_rows, n_cols, keep_part, scale):
     tl.store(out + at, tl.where(keep_part, v * scale, 0.0).to(out.dtype.element_ty), mask=inside)
 
 
-# sizes vary from pack to pack: not specialised on, so that one compiled kernel serves them all
-@triton.jit(do_not_specialize=["n_rows", "n_cols", "tiles"])
+# the rows and tiles vary from pack to pack: not specialised on, so that one compiled kernel serves
+# them all; the width is a model's constant, and its divisibility by 16 (Triton's specialisation)
+# is what lets the loads and stores be vectorised: without it the forward ran 7x slower
+@triton.jit(do_not_specialize=["n_rows", "tiles"])
 def dropout_forward(x, out, seed_ptr, n_rows, n_cols, tiles, p, scale,
             rows_per: tl.constexpr, part: tl.constexpr, rounds: tl.constexpr):  # fmt: skip
     rows = tl.program_id(0) * rows_per + tl.arange(0, rows_per)
@@ -101,7 +103,7 @@ def grad_part(low, a, out, rows, cols, ranks, n_rows, n_cols, rank, keep_part, s
     tl.store(out + at, value.to(out.dtype.element_ty), mask=inside)
 
 
-@triton.jit(do_not_specialize=["n_rows", "n_cols", "rank", "tiles"])
+@triton.jit(do_not_specialize=["n_rows", "rank", "tiles"])
 def dropout_backward(low_ptr, a, out, seed_ptr, n_rows, n_cols, rank, tiles, p, scale,
              rows_per: tl.constexpr, part: tl.constexpr, ranks_per: tl.constexpr, rounds: tl.constexpr):  # fmt: skip
     rows = tl.program_id(0) * rows_per + tl.arange(0, rows_per)
