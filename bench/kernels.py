@@ -7,7 +7,7 @@ forward and forward + backward: the varlen flash kernel (key/value heads repeate
 `varlen_attn` has no grouped heads) against SDPA's flash and cuDNN kernels, grouped or repeated.
 LoRA input dropout for 6,144 tokens: PyTorch's dropout (and, for backward, the rank-r GEMM plus
 dropout's backward) against the Triton kernels of selftune.kernels.dropout at several Philox
-rounds and tiles. Times in ms (attention) and us (dropout), as JSON.
+rounds and forward tiles. Times in ms (attention) and us (dropout), as JSON.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def attention(rows: int = 3, length: int = 2048, heads: int = 28, kv: int = 4, d
     return results
 
 
-SETTINGS = [(10, 64, 64), (7, 64, 64), (10, 32, 128), (7, 32, 128)]  # rounds, rows, part
+SETTINGS = [(10, 16, 8), (7, 16, 8), (7, 32, 4)]  # Philox rounds, the forward's rows and warps
 
 
 def dropout_row(tokens: int, width: int, rank: int, p: float) -> dict:
@@ -110,13 +110,14 @@ def dropout_row(tokens: int, width: int, rank: int, p: float) -> dict:
         "copy_us": timed(x.clone, 30),
     }
     seed = fused_dropout.draw_seed(x.device)
-    landed = (fused_dropout.ROUNDS, fused_dropout.ROWS, fused_dropout.PART)
-    for rounds, rows, part in SETTINGS:
-        fused_dropout.ROUNDS, fused_dropout.ROWS, fused_dropout.PART = rounds, rows, part
-        tag = f"triton_{rounds}_rounds_{rows}x{4 * part}"
+    landed = (fused_dropout.ROUNDS, fused_dropout.FORWARD_ROWS, fused_dropout.FORWARD_WARPS)
+    for setting in SETTINGS:
+        fused_dropout.ROUNDS, fused_dropout.FORWARD_ROWS, fused_dropout.FORWARD_WARPS = setting
+        rounds, rows, warps = setting
+        tag = f"triton_{rounds}_rounds_{rows}_rows_{warps}_warps"
         row[tag + "_forward_us"] = timed(lambda: fused_dropout.dropped(x, p, seed), 30)
         row[tag + "_backward_us"] = timed(lambda: fused_dropout.input_grad(low, a, p, seed), 30)
-    fused_dropout.ROUNDS, fused_dropout.ROWS, fused_dropout.PART = landed
+    fused_dropout.ROUNDS, fused_dropout.FORWARD_ROWS, fused_dropout.FORWARD_WARPS = landed
     return {k: round(v * 1e6, 1) for k, v in row.items()}
 
 

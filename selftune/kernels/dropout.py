@@ -21,13 +21,16 @@ import torch
 
 from selftune.kernels import load_triton
 
-# a program's tile: ROWS rows by four parts of PART columns. Philox4x32 at 7 rounds: the Random123
+# a program's tile: FORWARD_ROWS or BACKWARD_ROWS rows by four parts of PART columns (the mask
+# depends on the part's width alone, so the two may tile the rows differently). Philox4x32 at 7 rounds: the Random123
 # paper (Salmon et al., 2011) reports 7 passing TestU01's BigCrush, and recommends Triton's
 # default of 10 as a margin. The kernels are bound by the generator's arithmetic: at 10 rounds
 # they were no faster than PyTorch's dropout; at 7, with 32 x 512 tiles, 162 against 195 us
 # forward and 134 against 219 us backward for down_proj's input of 6,144 tokens on an H200
 # (bench/kernels.py, bench/README.md)
-ROWS, PART = 32, 128
+PART = 128
+FORWARD_ROWS, FORWARD_WARPS = 16, 8  # 131 against 151 us at 32 rows and 4 warps (H200)
+BACKWARD_ROWS = 32  # tl.dot's tile: (rows, ranks) @ (ranks, part)
 ROUNDS = 7
 # the backward holds a group's whole stacked rank in one tile; wider groups keep PyTorch's dropout
 MAX_RANK = 128
@@ -52,17 +55,19 @@ def draw_seed(device: torch.device) -> torch.Tensor:
     return torch.randint(0, 2**63 - 1, (1,), device=device, dtype=torch.int64)  # Philox's key
 
 
-def grid(rows: int, cols: int) -> tuple[tuple[int, int], int]:
+def grid(rows: int, cols: int, rows_per: int) -> tuple[tuple[int, int], int]:
     tiles = -(-cols // (4 * PART))
-    return (-(-rows // ROWS), tiles), tiles
+    return (-(-rows // rows_per), tiles), tiles
 
 
 def dropped(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
     """x with each element zeroed with probability p and the rest scaled by 1 / (1 - p)."""
     out = torch.empty_like(x)
-    shape, tiles = grid(*x.shape)
+    shape, tiles = grid(*x.shape, FORWARD_ROWS)
     args = (x, out, seed, x.shape[0], x.shape[1], tiles, p, 1.0 / (1.0 - p))
-    load_triton().dropout_forward[shape](*args, rows_per=ROWS, part=PART, rounds=ROUNDS)
+    load_triton().dropout_forward[shape](
+        *args, rows_per=FORWARD_ROWS, part=PART, rounds=ROUNDS, num_warps=FORWARD_WARPS
+    )
     return out
 
 
@@ -73,10 +78,10 @@ def input_grad(low_grad: torch.Tensor, a_all: torch.Tensor, p: float, seed: torc
     rows, rank = low_grad.shape
     cols = a_all.shape[1]
     out = torch.empty(rows, cols, dtype=a_all.dtype, device=a_all.device)
-    shape, tiles = grid(rows, cols)
+    shape, tiles = grid(rows, cols, BACKWARD_ROWS)
     ranks_per = max(16, 1 << (rank - 1).bit_length())
     args = (low_grad, a_all, out, seed, rows, cols, rank, tiles, p, 1.0 / (1.0 - p))
     load_triton().dropout_backward[shape](
-        *args, rows_per=ROWS, part=PART, ranks_per=ranks_per, rounds=ROUNDS
+        *args, rows_per=BACKWARD_ROWS, part=PART, ranks_per=ranks_per, rounds=ROUNDS
     )
     return out

@@ -13,7 +13,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernels run
 
 
 def check_kernels(device: str, dtype: torch.dtype) -> None:
-    """Rows and columns that leave part tiles (a tile is 32 x 512), ranks of 8 and 24."""
+    """Rows and columns that leave part tiles (16 or 32 rows by 512 columns), ranks 8 and 24."""
     torch.manual_seed(0)
     rows, cols, p = 70, 1100, 0.3
     x = torch.randn(rows, cols).to(device, dtype)
