@@ -274,11 +274,11 @@ def load_model(
     device: str | None = None,
     quant_bits: int | None = None,
     tokenizer: Any = None,
-    meanwhile: Sequence[str] = (),
+    meanwhile: Sequence[Any] = (),
 ) -> tuple[Any, Any, Path]:
     """Load (model, tokenizer, folder) for a --model spec, in eval mode on the chosen device
-    (`tokenizer`: one already loaded from the same folder; `meanwhile`: modules to import while
-    the weights are read, see `preload`). On a GPU the weights go straight to it: no copy of the
+    (`tokenizer`: one already loaded from the same folder; `meanwhile`: modules to import, or
+    functions to call, while the weights are read, see `preload`). On a GPU the weights go straight to it: no copy of the
     whole model in host memory."""
     from transformers import AutoModelForCausalLM
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -31,15 +31,16 @@ def import_model_code(folder: Path) -> bool:
     return True
 
 
-def import_in_thread(names: Sequence[str]) -> threading.Thread:
-    """Start importing `names`, in order; one that fails is left to import where it is used."""
+def import_in_thread(names: Sequence[str | Callable[[], object]]) -> threading.Thread:
+    """Start importing `names`, in order, or calling those that are functions (the Triton
+    kernels' compiles: kernels.precompile); one that fails is left to run where it is used."""
 
     def run() -> None:
         for name in names:
             try:
-                importlib.import_module(name)
+                name() if callable(name) else importlib.import_module(name)
             except Exception as exc:
-                log.debug("import of %s during the load failed: %s", name, exc)
+                log.debug("%s during the load failed: %s", name, exc)
 
     thread = threading.Thread(target=run, name="selftune-imports", daemon=True)
     thread.start()

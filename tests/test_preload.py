@@ -78,14 +78,27 @@ def test_the_thread_starts_after_the_model_code_and_ends_before_the_load_returns
         ("full", "cuda", True, False, True),
     ],
 )
-def test_later_imports_are_what_the_run_uses(monkeypatch, train_type, device, cuda, peft, liger):
+def test_later_imports_are_what_the_run_uses(
+    monkeypatch, tmp_path, train_type, device, cuda, peft, liger
+):
     import torch
 
     from selftune.args import SftArgs
     from selftune.commands.sft import later_imports
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    names = later_imports(SftArgs(train_type=train_type, device=device))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    names = later_imports(SftArgs(train_type=train_type, device=device), tmp_path)
     assert ("peft" in names) == peft
     assert ("liger_kernel.transformers.monkey_patch" in names) == liger
     assert "matplotlib.figure" in names
+    compiles = tuple(n for n in names if callable(n))  # last: after every import
+    assert compiles == names[len(names) - len(compiles) :]
+    assert len(compiles) == int(liger)  # with Liger: the run is on a GPU
+    if compiles:  # the dropout kernels only where grouped LoRA drops out
+        assert compiles[0].args == (
+            tmp_path,
+            8 if train_type == "lora" else 0,
+            torch.bfloat16,
+            "cuda",
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import logging
 import platform
@@ -30,14 +31,24 @@ LATER_IMPORTS = (
 )
 
 
-def later_imports(args: SftArgs) -> tuple[str, ...]:
-    """LATER_IMPORTS, with peft where adapters train and Liger where a GPU does."""
-    from selftune.models import pick_device
+def later_imports(args: SftArgs, folder: Path) -> tuple[Any, ...]:
+    """LATER_IMPORTS, with peft where adapters train; where a GPU does, Liger, and last the
+    compiles of the Triton kernels (kernels.precompile: seconds on a machine's first run)."""
+    from selftune.models import pick_device, pick_dtype
 
-    names = () if args.train_type == "full" else ("peft",)
-    if pick_device(args.device).startswith("cuda"):
+    names: tuple[Any, ...] = () if args.train_type == "full" else ("peft",)
+    device = pick_device(args.device)
+    if device.startswith("cuda"):
         names += ("liger_kernel.transformers.monkey_patch",)
-    return names + LATER_IMPORTS
+    names += LATER_IMPORTS
+    if device.startswith("cuda"):
+        from selftune.kernels.precompile import precompile
+
+        # LoRA's dropout kernels where grouped LoRA drops out; the cross-entropy kernel always
+        rank = args.lora_rank if args.train_type == "lora" and args.lora_dropout > 0 else 0
+        dtype = pick_dtype(args.torch_dtype, device)
+        names += (functools.partial(precompile, folder, rank, dtype, device),)
+    return names
 
 
 def check_args(args: SftArgs) -> None:
@@ -212,7 +223,12 @@ def prepare(args: SftArgs) -> tuple[Any, ...]:
 
     seed_everything(args.seed)
     model, tokenizer, folder = load_model(
-        str(folder), args.torch_dtype, args.device, args.quant_bits, tokenizer, later_imports(args)
+        str(folder),
+        args.torch_dtype,
+        args.device,
+        args.quant_bits,
+        tokenizer,
+        later_imports(args, folder),
     )
     device = str(next(model.parameters()).device)
     if args.replay > 0:
