@@ -41,13 +41,14 @@ def later_imports(args: SftArgs, folder: Path) -> tuple[Any, ...]:
     if device.startswith("cuda"):
         names += ("liger_kernel.transformers.monkey_patch",)
     names += LATER_IMPORTS
-    if device.startswith("cuda"):
+    if device.startswith("cuda") and args.train_type != "full":  # a trained head: no CE kernel
+        from selftune.distributed import ranks
         from selftune.kernels.precompile import precompile
 
-        # LoRA's dropout kernels where grouped LoRA drops out; the cross-entropy kernel always
-        rank = args.lora_rank if args.train_type == "lora" and args.lora_dropout > 0 else 0
+        # the dropout kernels where grouped LoRA drops out (one process: fast_path)
+        grouped = args.train_type == "lora" and args.lora_dropout > 0 and ranks().world == 1
         dtype = pick_dtype(args.torch_dtype, device)
-        names += (functools.partial(precompile, folder, rank, dtype, device),)
+        names += (functools.partial(precompile, folder, args.lora_rank * grouped, dtype, device),)
     return names
 
 
@@ -81,6 +82,8 @@ def check_args(args: SftArgs) -> None:
             raise UsageError("--adapter_scale must be in (0, 1]")
     if not 0 <= args.split_dataset_ratio < 1:
         raise UsageError("--split_dataset_ratio must be in [0, 1)")
+    if not 0 <= args.lora_dropout < 1:
+        raise UsageError("--lora_dropout must be in [0, 1)")
     if args.resume_from_checkpoint and not Path(args.resume_from_checkpoint).is_dir():
         raise SelftuneError(
             f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such folder"

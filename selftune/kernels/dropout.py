@@ -22,14 +22,13 @@ import torch
 from selftune.kernels import load_triton
 
 # a program's tile: FORWARD_ROWS or BACKWARD_ROWS rows by four parts of PART columns (the mask
-# depends on the part's width alone, so the two may tile the rows differently). Philox4x32 at 7 rounds: the Random123
-# paper (Salmon et al., 2011) reports 7 passing TestU01's BigCrush, and recommends Triton's
-# default of 10 as a margin. The kernels are bound by the generator's arithmetic: at 10 rounds
-# they were no faster than PyTorch's dropout; at 7, with 32 x 512 tiles, 162 against 195 us
-# forward and 134 against 219 us backward for down_proj's input of 6,144 tokens on an H200
-# (bench/kernels.py, bench/README.md)
+# depends on the part's width alone, so the two may tile the rows differently). Philox4x32 at 7
+# rounds: the Random123 paper (Salmon et al., 2011) reports 7 passing TestU01's BigCrush, and
+# recommends Triton's default of 10 as a margin; 10 rounds took 177 against 134 us forward for
+# down_proj's input of 6,144 tokens on an H200, PyTorch's dropout 196 (bench/kernels.py,
+# bench/README.md)
 PART = 128
-FORWARD_ROWS, FORWARD_WARPS = 16, 8  # 131 against 151 us at 32 rows and 4 warps (H200)
+FORWARD_ROWS, FORWARD_WARPS = 16, 8  # 134 against 153 us at 32 rows and 4 warps (H200)
 BACKWARD_ROWS = 32  # tl.dot's tile: (rows, ranks) @ (ranks, part)
 ROUNDS = 7
 # the backward holds a group's whole stacked rank in one tile; wider groups keep PyTorch's dropout

@@ -20,12 +20,16 @@ GROUP_SIZES = (1, 2, 3)  # projections per shared input (kernels.lora.SHARED_INP
 
 
 def model_shapes(folder: Path) -> tuple[set[int], int]:
-    """The widths of the inputs LoRA drops out (hidden and MLP sizes), and the vocabulary."""
+    """The widths of the inputs LoRA drops out (hidden, MLP and o_proj's attention width), and
+    the vocabulary."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(folder).get_text_config()
-    widths = {config.hidden_size, getattr(config, "intermediate_size", config.hidden_size)}
-    return widths, config.vocab_size
+    hidden = config.hidden_size
+    heads = getattr(config, "num_attention_heads", None)
+    head_dim = getattr(config, "head_dim", None) or (hidden // heads if heads else hidden)
+    widths = {hidden, getattr(config, "intermediate_size", None) or hidden}
+    return widths | ({heads * head_dim} if heads else set()), config.vocab_size
 
 
 def precompile(folder: Path, rank: int, dtype: torch.dtype, device: str) -> bool:
@@ -36,6 +40,12 @@ def precompile(folder: Path, rank: int, dtype: torch.dtype, device: str) -> bool
     if load_triton() is None:
         return False
     widths, vocab = model_shapes(folder)
+    with torch.cuda.device(torch.device(device)):  # Triton launches on the thread's own device
+        launch_each(widths, vocab, rank, dtype, device)
+    return True
+
+
+def launch_each(widths: set[int], vocab: int, rank: int, dtype: torch.dtype, device: str) -> None:
     seed = torch.zeros(1, dtype=torch.int64, device=device)  # not drawn: the generator is the run's
     for width in sorted(widths) if rank else ():
         x = torch.zeros(1, width, dtype=dtype, device=device)
@@ -47,4 +57,3 @@ def precompile(folder: Path, rank: int, dtype: torch.dtype, device: str) -> bool
             )
     logits = torch.zeros(1, vocab, dtype=dtype, device=device)
     ce_rows.ce_rows(logits, torch.zeros(1, dtype=torch.int64, device=device), write_grad=True)
-    return True

@@ -237,6 +237,17 @@ def test_adapter_scale_is_for_lora(tmp_path):
     assert "--adapter_scale applies to LoRA" in done.stderr
 
 
+@pytest.mark.parametrize("rate", ["1", "-0.1"])
+def test_lora_dropout_must_leave_something(tmp_path, rate):
+    done = selftune(
+        "sft", "--model", "smollm2-135m", "--dataset", "identity", "--lora_dropout", rate,
+        "--output_dir", tmp_path,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "--lora_dropout must be in [0, 1)" in done.stderr
+    assert not any(tmp_path.iterdir())  # stopped before anything was written
+
+
 def test_a_loss_that_turns_nan_stops_the_run_and_saves_nothing(tmp_path, smol_tokenizer):
     from support import build_tiny_llama
 

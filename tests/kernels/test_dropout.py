@@ -14,8 +14,13 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernels run
 
 def check_kernels(device: str, dtype: torch.dtype) -> None:
     """Rows and columns that leave part tiles (16 or 32 rows by 512 columns), ranks 8 and 24."""
+    for cols in (1100, 1104):  # a width Triton specialises on (divisible by 16) and one it cannot
+        check_width(device, dtype, cols)
+
+
+def check_width(device: str, dtype: torch.dtype, cols: int) -> None:
     torch.manual_seed(0)
-    rows, cols, p = 70, 1100, 0.3
+    rows, p = 70, 0.3
     x = torch.randn(rows, cols).to(device, dtype)
     seed = torch.tensor([1234], device=device)
     dropped = fused_dropout.dropped(x, p, seed)
