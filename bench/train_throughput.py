@@ -21,6 +21,8 @@ import gc
 import json
 import math
 import random
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -197,6 +199,47 @@ def step_graphs(model, device: str):
     return StepGraphs(lambda batch: batch_loss(model, batch), model, params)
 
 
+class GpuSampler:
+    """The GPU's SM clock and power draw, sampled by nvidia-smi every 200 ms while the timed
+    steps run: whether a figure came from a throttled chip (the same code moved by a few
+    percent from machine to machine). Empty where nvidia-smi is not installed."""
+
+    QUERY = "clocks.sm,power.draw,temperature.gpu"
+
+    def __enter__(self) -> GpuSampler:
+        self.process = None
+        if shutil.which("nvidia-smi") and torch.cuda.is_available():
+            index = str(torch.cuda.current_device())
+            self.process = subprocess.Popen(
+                ["nvidia-smi", "-i", index, f"--query-gpu={self.QUERY}",
+                 "--format=csv,noheader,nounits", "-lms", "200"],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            )  # fmt: skip
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.summary: dict = {}
+        if self.process is None:
+            return
+        self.process.terminate()
+        out, _ = self.process.communicate()
+        samples = []
+        for line in out.splitlines():
+            try:
+                samples.append([float(v) for v in line.split(",")])
+            except ValueError:
+                continue
+        if samples:
+            columns = list(zip(*samples))
+            self.summary = {
+                "sm_mhz_mean": round(sum(columns[0]) / len(samples)),
+                "sm_mhz_min": round(min(columns[0])),
+                "power_w_mean": round(sum(columns[1]) / len(samples), 1),
+                "temperature_c_max": round(max(columns[2])),
+                "gpu_samples": len(samples),
+            }
+
+
 def timed(step, model, steps_batches, warmup: int, graphs=None):
     # fused AdamW for both: the HF Trainer's default optimizer, and selftune's on one GPU
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], 1e-5, 0.0)
@@ -212,13 +255,14 @@ def timed(step, model, steps_batches, warmup: int, graphs=None):
             warm_peaks.append(round(torch.cuda.max_memory_allocated() / 2**30, 2))
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    started = time.perf_counter()
-    tokens = 0
-    for batches in steps_batches[warmup:]:
-        tokens += step(model, batches, optimizer)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - started
+    with GpuSampler() as gpu:
+        started = time.perf_counter()
+        tokens = 0
+        for batches in steps_batches[warmup:]:
+            tokens += step(model, batches, optimizer)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
     measured = max(1, len(steps_batches) - warmup)
     cuda = torch.cuda.is_available()
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
@@ -231,6 +275,7 @@ def timed(step, model, steps_batches, warmup: int, graphs=None):
         "peak_gib": round(peak, 2),
         "reserved_gib": round(reserved, 2),
         "warmup_peaks_gib": warm_peaks,
+        **gpu.summary,
         **(
             {"graphs": len(graphs.graphs), "replays": graphs.replays, "failure": graphs.failure}
             if graphs
