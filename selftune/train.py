@@ -512,7 +512,8 @@ def train(
         (run_dir / "logging.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     n_trainable = sum(p.numel() for p in trainable)
     log.info(
-        "training %s: %d steps (%d micro-batches x %d per step), lr %.2g, %.2fM trainable parameters",
+        "training %s: %d steps (%d micro-batches an epoch, up to %d per step), lr %.2g, %.2fM "
+        "trainable parameters",
         args.train_type,
         plan.total_steps,
         micro_batches_per_epoch,
