@@ -7,7 +7,9 @@ forward and forward + backward: the varlen flash kernel (key/value heads repeate
 `varlen_attn` has no grouped heads) against SDPA's flash and cuDNN kernels, grouped or repeated.
 LoRA input dropout for 6,144 tokens: PyTorch's dropout (and, for backward, the rank-r GEMM plus
 dropout's backward) against the Triton kernels of selftune.kernels.dropout at several Philox
-rounds and forward tiles. Times in ms (attention) and us (dropout), as JSON.
+rounds and forward tiles. One LoRA projection's forward with B's product written first (as
+grouped LoRA runs it) against B folded into the base GEMM along K. Times in ms (attention) and
+us (dropout, LoRA), as JSON.
 """
 
 from __future__ import annotations
@@ -128,6 +130,35 @@ def dropout(tokens: int = 6144, p: float = 0.05) -> dict:
     }
 
 
+def lora_fold(
+    tokens: int = 6144, width: int = 3584, out: int = 18944, rank: int = 8, device: str = "cuda"
+) -> dict:
+    """One LoRA projection's forward as grouped LoRA runs it (B's product written, then the base
+    GEMM accumulating into it) against B folded into the base GEMM along K: [x | low] times
+    [W | s B], which needs W kept inside a wider buffer. Times in us; the base GEMM alone is the
+    floor. For gate_proj / up_proj (3,584 -> 18,944) by default."""
+    dtype = torch.bfloat16
+    x = torch.randn(tokens, width, device=device, dtype=dtype)
+    low = torch.randn(tokens, rank, device=device, dtype=dtype)
+    weight_ext = torch.randn(out, width + rank, device=device, dtype=dtype) / width**0.5
+    weight, b = weight_ext[:, :width], weight_ext[:, width:]  # views, as the modules would hold
+
+    def grouped():
+        result = low @ b.t()
+        return result.addmm_(x, weight.t())
+
+    def folded():
+        return torch.cat([x, low], dim=1) @ weight_ext.t()
+
+    diff = (grouped().float() - folded().float()).abs().max().item()
+    row = {
+        "base_gemm_us": timed(lambda: x @ weight.t(), 30),
+        "grouped_us": timed(grouped, 30),
+        "folded_us": timed(folded, 30),
+    }
+    return {**{k: round(v * 1e6, 1) for k, v in row.items()}, "max_diff": diff}
+
+
 def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("bench/kernels.py: needs a CUDA GPU")
@@ -137,6 +168,7 @@ def main() -> None:
         "cudnn": torch.backends.cudnn.version(),
         "attention": attention(),
         "dropout": dropout(),
+        "lora_fold": {"gate_up": lora_fold(), "q": lora_fold(out=3584, rank=24)},
     }
     print(json.dumps(record, indent=1))
 
