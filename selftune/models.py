@@ -278,8 +278,8 @@ def load_model(
 ) -> tuple[Any, Any, Path]:
     """Load (model, tokenizer, folder) for a --model spec, in eval mode on the chosen device
     (`tokenizer`: one already loaded from the same folder; `meanwhile`: modules to import, or
-    functions to call, while the weights are read, see `preload`). On a GPU the weights go straight to it: no copy of the
-    whole model in host memory."""
+    functions to call, while the weights are read, see `preload`). On a GPU the weights go
+    straight to it: no copy of the whole model in host memory."""
     from transformers import AutoModelForCausalLM
 
     from selftune.preload import import_in_thread, import_model_code

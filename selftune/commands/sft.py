@@ -36,20 +36,21 @@ def later_imports(args: SftArgs, folder: Path) -> tuple[Any, ...]:
     compiles of the Triton kernels (kernels.precompile: seconds on a machine's first run)."""
     from selftune.models import pick_device, pick_dtype
 
-    names: tuple[Any, ...] = () if args.train_type == "full" else ("peft",)
+    full = args.train_type == "full"
     device = pick_device(args.device)
-    if device.startswith("cuda"):
-        names += ("liger_kernel.transformers.monkey_patch",)
-    names += LATER_IMPORTS
-    if device.startswith("cuda") and args.train_type != "full":  # a trained head: no CE kernel
-        from selftune.distributed import ranks
-        from selftune.kernels.precompile import precompile
+    if not device.startswith("cuda"):
+        return (() if full else ("peft",)) + LATER_IMPORTS
+    names = (() if full else ("peft",)) + ("liger_kernel.transformers.monkey_patch",)
+    if full:  # the head trains: no cross-entropy kernel
+        return names + LATER_IMPORTS
+    from selftune.distributed import ranks
+    from selftune.kernels.precompile import precompile
 
-        # the dropout kernels where grouped LoRA drops out (one process: fast_path)
-        grouped = args.train_type == "lora" and args.lora_dropout > 0 and ranks().world == 1
-        dtype = pick_dtype(args.torch_dtype, device)
-        names += (functools.partial(precompile, folder, args.lora_rank * grouped, dtype, device),)
-    return names
+    # the dropout kernels where grouped LoRA drops out (one process: fast_path)
+    grouped = args.train_type == "lora" and args.lora_dropout > 0 and ranks().world == 1
+    dtype = pick_dtype(args.torch_dtype, device)
+    compile_kernels = functools.partial(precompile, folder, args.lora_rank * grouped, dtype, device)
+    return names + LATER_IMPORTS + (compile_kernels,)
 
 
 def check_args(args: SftArgs) -> None:

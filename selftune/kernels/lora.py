@@ -133,7 +133,7 @@ def adapter_outputs(x, p: float, a_all, b_scaled, biases) -> tuple:
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         mask = None
         dropped = x2
-        if 0 < p < 1 and fused_dropout.usable(x2, a_all.shape[0]):  # drawn again in backward
+        if p > 0 and fused_dropout.usable(x2, a_all.shape[0]):  # mask drawn again in backward
             mask = fused_dropout.draw_seed(x2.device)
             dropped = fused_dropout.dropped(x2, p, mask)
         elif p > 0:

@@ -15,8 +15,7 @@ from pathlib import Path
 import torch
 
 from selftune.kernels import ce_rows, dropout, load_triton
-
-GROUP_SIZES = (1, 2, 3)  # projections per shared input (kernels.lora.SHARED_INPUT): the ranks
+from selftune.kernels.lora import SHARED_INPUT
 
 
 def model_shapes(folder: Path) -> tuple[set[int], int]:
@@ -47,13 +46,14 @@ def precompile(folder: Path, rank: int, dtype: torch.dtype, device: str) -> bool
 
 def launch_each(widths: set[int], vocab: int, rank: int, dtype: torch.dtype, device: str) -> None:
     seed = torch.zeros(1, dtype=torch.int64, device=device)  # not drawn: the generator is the run's
-    for width in sorted(widths) if rank else ():
+    # a group's stacked rank: one projection alone, or those that share an input
+    stacked = {k * rank for k in {1, *map(len, SHARED_INPUT)} if k * rank <= dropout.MAX_RANK}
+    for width in widths if rank else ():
         x = torch.zeros(1, width, dtype=dtype, device=device)
         dropout.dropped(x, 0.05, seed)
-        for ranks in sorted({k * rank for k in GROUP_SIZES if 0 < k * rank <= dropout.MAX_RANK}):
+        for ranks in stacked:
             low = torch.zeros(1, ranks, dtype=dtype, device=device)
-            dropout.input_grad(
-                low, torch.zeros(ranks, width, dtype=dtype, device=device), 0.05, seed
-            )
+            a_all = torch.zeros(ranks, width, dtype=dtype, device=device)
+            dropout.input_grad(low, a_all, 0.05, seed)
     logits = torch.zeros(1, vocab, dtype=dtype, device=device)
     ce_rows.ce_rows(logits, torch.zeros(1, dtype=torch.int64, device=device), write_grad=True)
