@@ -14,6 +14,7 @@ us (dropout, LoRA), as JSON.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -135,8 +136,9 @@ def lora_fold(
 ) -> dict:
     """One LoRA projection's forward as grouped LoRA runs it (B's product written, then the base
     GEMM accumulating into it) against B folded into the base GEMM along K: [x | low] times
-    [W | s B], which needs W kept inside a wider buffer. Times in us; the base GEMM alone is the
-    floor. For gate_proj / up_proj (3,584 -> 18,944) by default."""
+    [W | s B], which needs W kept inside a wider buffer, and against the other order (the base
+    GEMM, then B's product added in); and the parts of the first alone. Times in us; the base
+    GEMM alone is the floor. For gate_proj / up_proj (3,584 -> 18,944) by default."""
     dtype = torch.bfloat16
     x = torch.randn(tokens, width, device=device, dtype=dtype)
     low = torch.randn(tokens, rank, device=device, dtype=dtype)
@@ -150,13 +152,41 @@ def lora_fold(
     def folded():
         return torch.cat([x, low], dim=1) @ weight_ext.t()
 
+    def base_then_add():  # the other order: the base GEMM alone, then B's product added in
+        return (x @ weight.t()).addmm_(low, b.t())
+
+    base = x @ weight.t()
     diff = (grouped().float() - folded().float()).abs().max().item()
     row = {
         "base_gemm_us": timed(lambda: x @ weight.t(), 30),
         "grouped_us": timed(grouped, 30),
         "folded_us": timed(folded, 30),
+        "b_product_us": timed(lambda: low @ b.t(), 30),
+        "accumulating_gemm_us": timed(lambda: base.addmm_(x, weight.t()), 30),
+        "base_then_add_us": timed(base_then_add, 30),
     }
     return {**{k: round(v * 1e6, 1) for k, v in row.items()}, "max_diff": diff}
+
+
+def blas_accumulate(tokens: int = 6144, width: int = 3584) -> dict:
+    """The base GEMM writing its output (beta = 0) against accumulating into it (beta = 1, as
+    grouped LoRA and its backward run it), through cuBLAS and through cuBLASLt, for an
+    18,944-wide output (gate_proj / up_proj forward, down_proj's input gradient) and a 3,584-wide
+    one (q_proj). Times in us."""
+    x = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16)
+    found = {}
+    before = torch.backends.cuda.preferred_blas_library()
+    for library in ("cublas", "cublaslt"):
+        torch.backends.cuda.preferred_blas_library(library)
+        for out in (18944, 3584):
+            w = torch.randn(out, width, device="cuda", dtype=torch.bfloat16) / width**0.5
+            acc = torch.zeros(tokens, out, device="cuda", dtype=torch.bfloat16)
+            write = functools.partial(torch.matmul, x, w.t())
+            accumulate = functools.partial(acc.addmm_, x, w.t())
+            found[f"{library}_{out}_write_us"] = round(timed(write, 30) * 1e6, 1)
+            found[f"{library}_{out}_accumulate_us"] = round(timed(accumulate, 30) * 1e6, 1)
+    torch.backends.cuda.preferred_blas_library(before)
+    return found
 
 
 def main() -> None:
@@ -168,6 +198,7 @@ def main() -> None:
         "cudnn": torch.backends.cudnn.version(),
         "attention": attention(),
         "dropout": dropout(),
+        "blas_accumulate": blas_accumulate(),
         "lora_fold": {"gate_up": lora_fold(), "q": lora_fold(out=3584, rank=24)},
     }
     print(json.dumps(record, indent=1))
