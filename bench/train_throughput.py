@@ -45,6 +45,7 @@ from selftune.train import make_optimizer, to_device  # noqa: E402
 USE_LIGER = True
 USE_VARLEN = True
 USE_GROUPED_LORA = True
+LORA_DROPOUT = 0.05
 USE_GRAPHS = True
 PROFILE = False
 PROFILE_STACKS = False
@@ -61,7 +62,11 @@ def build(config_path: str, device: str):
             config, dtype=torch.bfloat16, attn_implementation="sdpa"
         )
     lora = LoraConfig(
-        r=8, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"
+        r=8,
+        lora_alpha=32,
+        lora_dropout=LORA_DROPOUT,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
     model.train()
@@ -112,7 +117,11 @@ def build_qlora(config_path: str, device: str, stock: bool):
     if stock:  # the usual QLoRA recipe: norms/embeddings upcast, checkpointing on
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     lora = LoraConfig(
-        r=8, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"
+        r=8,
+        lora_alpha=32,
+        lora_dropout=LORA_DROPOUT,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
     model.train()
@@ -445,6 +454,10 @@ def main() -> None:
     parser.add_argument("--best", nargs="+", default=["1:0", "2:10"], help="best-case variants")
     parser.add_argument("--no_liger", action="store_true")
     parser.add_argument("--no_grouped_lora", action="store_true")
+    parser.add_argument("--lora_dropout", type=float, default=0.05)
+    parser.add_argument(
+        "--no_fused_swiglu", action="store_true", help="gate/up as grouped LoRA, then SwiGLU"
+    )
     parser.add_argument("--no_graphs", action="store_true", help="every pass eager")
     parser.add_argument(
         "--graph_tokens",
@@ -460,11 +473,17 @@ def main() -> None:
     parser.add_argument("--qlora", action="store_true", help="add the 4-bit QLoRA case")
     args = parser.parse_args()
     global USE_LIGER, USE_VARLEN, USE_GROUPED_LORA, PROFILE, USE_GRAPHS, PROFILE_STACKS
+    global LORA_DROPOUT
+    LORA_DROPOUT = args.lora_dropout
     USE_GRAPHS = not args.no_graphs
     step_graphs_module.MAX_TOKENS = args.graph_tokens
     USE_LIGER, USE_VARLEN = not args.no_liger, not args.no_varlen
     USE_GROUPED_LORA, PROFILE = not args.no_grouped_lora, args.profile
     PROFILE_STACKS = args.profile_stacks
+    if args.no_fused_swiglu:  # fuse_lora then routes no MLP through LoraSwiglu
+        import selftune.kernels.lora_mlp as lora_mlp
+
+        lora_mlp.swiglu_mlp = lambda module: False
     device = "cuda" if torch.cuda.is_available() else "cpu"
     vocab = json.loads(Path(args.config).read_text())["vocab_size"]
     cases = args.case or ["seq2048", "best", "tutorial", "mixed"]

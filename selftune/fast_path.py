@@ -4,7 +4,9 @@
 - logits only at label positions, chunked, never all held (kernels.linear_ce, in train.py);
 - Liger's fused RMSNorm / RoPE / SwiGLU kernels where `liger-kernel` is installed;
 - LoRA projections that share an input (q/k/v, gate/up) run as one group in bf16
-  (kernels.lora): one dropout, one GEMM for their A matrices, float32 master adapters;
+  (kernels.lora): one dropout, one GEMM for their A matrices, float32 master adapters; a
+  SwiGLU MLP's gate, up and activation as one node, the rank-r products added inside the
+  activation (kernels.lora_mlp);
 - gradient checkpointing on only as many decoder layers as the GPU's free memory needs
   (`auto_checkpoint_layers`), since recomputing a layer costs a third of its step.
 """
@@ -193,8 +195,6 @@ def enable_fast_path(
     enabled: list[str] = []
     if not device.startswith("cuda"):
         return enabled
-    if grouped_lora:
-        enabled += use_grouped_lora(model)
     if liger and apply_liger(model):
         enabled.append("liger rmsnorm/rope/swiglu")
     elif liger:
@@ -202,6 +202,8 @@ def enable_fast_path(
             "fast path: liger-kernel not installed (pip install liger-kernel); using "
             "PyTorch kernels"
         )
+    if grouped_lora:  # after Liger: its SwiGLU forward is the one a LoRA MLP falls back on
+        enabled += use_grouped_lora(model)
     if packing and varlen:
         import torch
 

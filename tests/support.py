@@ -121,6 +121,19 @@ def run_selftune(*args, stdin: str = "", env: dict | None = None, timeout: int =
     )
 
 
+def graph_nodes(tensor: torch.Tensor) -> set[str]:
+    """The names of the autograd nodes that produced `tensor`."""
+    names, todo, seen = set(), [tensor.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(node.name())
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
 def run_interpreted(module: str, call: str) -> None:
     """`module.call` (a test module of tests/kernels) with the Triton kernels under Triton's
     interpreter, on the CPU, in a process of its own: Triton decides at import whether its own

@@ -25,7 +25,7 @@ from selftune.kernels import load_triton
 # depends on the part's width alone, so the two may tile the rows differently). Philox4x32 at 7
 # rounds: the Random123 paper (Salmon et al., 2011) reports 7 passing TestU01's BigCrush, and
 # recommends Triton's default of 10 as a margin; 10 rounds took 177 against 134 us forward for
-# down_proj's input of 6,144 tokens on an H200, PyTorch's dropout 196 (bench/kernels.py,
+# down_proj's input of 6,144 tokens on an H200, PyTorch's dropout 196 (bench/kernel_times.py,
 # bench/README.md)
 PART = 128
 FORWARD_ROWS, FORWARD_WARPS = 16, 8  # 134 against 153 us at 32 rows and 4 warps (H200)
@@ -84,3 +84,15 @@ def input_grad(low_grad: torch.Tensor, a_all: torch.Tensor, p: float, seed: torc
         *args, rows_per=BACKWARD_ROWS, part=PART, ranks_per=ranks_per, rounds=ROUNDS
     )
     return out
+
+
+def lora_input_grad(low_grad: torch.Tensor, a_all: torch.Tensor, p: float, mask) -> torch.Tensor:
+    """The adapter's part of its input's gradient for whichever mask the forward kept: a seed
+    (the kernel above), PyTorch's bool mask, or None (no dropout)."""
+    if mask is not None and mask.dtype != torch.bool:
+        return input_grad(low_grad, a_all, p, mask)
+    grad = low_grad @ a_all
+    if mask is not None:  # dropout's own backward (a bool mask and a bf16 product in one
+        # mixed-dtype elementwise op ran 2x slower)
+        grad = torch.ops.aten.native_dropout_backward(grad, mask, 1.0 / (1.0 - p))
+    return grad

@@ -11,6 +11,7 @@ adapter weights stay the optimizer's master copy: their gradients come back in f
 
 One mask per group, where PEFT draws one per module: the same dropout rate, correlated across
 q, k and v. With dropout 0 the result equals PEFT's (tests/kernels/test_lora.py, on the CPU).
+In a SwiGLU MLP, gate and up run through kernels.lora_mlp instead while autograd records.
 """
 
 from __future__ import annotations
@@ -54,10 +55,11 @@ class GroupedLora(torch.autograd.Function):
     base GEMM read and wrote every output once more."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, p: float, lowrank: tuple, *tensors):
+    def forward(ctx, x: torch.Tensor, p: float, lowrank: tuple, handoff, *tensors):
         """`lowrank`: (stacked A, scaled Bs, scales) in the compute dtype (compute_lowrank);
-        `tensors`: the members' base weights, biases, then their float32 A (for the dtypes of
-        their gradients)."""
+        `handoff`: a lora_mlp.Handoff when x comes from LoraSwiglu, else None; `tensors`: the
+        members' base weights, biases, then their float32 A (for the dtypes of their
+        gradients)."""
         a_all, b_scaled, scales = lowrank
         k = len(b_scaled)
         weights, biases, lora_a = tensors[:k], tensors[k : 2 * k], tensors[2 * k : 3 * k]
@@ -67,46 +69,54 @@ class GroupedLora(torch.autograd.Function):
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         ctx.weights = weights  # frozen: kept by reference, not saved (see the class docstring)
         ctx.save_for_backward(dropped, mask, low, a_all, *b_scaled, *lora_a)
-        ctx.scales = scales
+        ctx.scales, ctx.handoff = scales, handoff
         return tuple(outputs)
 
     @staticmethod
     def backward(ctx, *grads):
-        k, dtype, weights = ctx.k, ctx.dtype, ctx.weights
-        saved = ctx.saved_tensors
-        dropped, mask, low, a_all = saved[:4]
-        b_scaled, lora_a = saved[4 : 4 + k], saved[4 + k :]
-        tokens = dropped.shape[0]
-        with torch.autocast(dropped.device.type, enabled=False):
-            g2 = [
-                torch.zeros(tokens, w.shape[0], dtype=dtype, device=dropped.device)
-                if g is None
-                else g.reshape(tokens, -1).to(dtype)
-                for g, w in zip(grads, weights)
-            ]
-            grad_low = torch.cat([g @ b for g, b in zip(g2, b_scaled)], dim=1)
-            grad_x = None
-            if ctx.needs_input_grad[0]:
-                # the adapter's part first, then each base GEMM accumulates into it (beta = 1)
-                if mask is not None and mask.dtype != torch.bool:  # a seed: one Triton pass
-                    grad_x = fused_dropout.input_grad(grad_low, a_all, ctx.p, mask)
+        k, saved = ctx.k, ctx.saved_tensors
+        tokens = saved[0].shape[0]
+        g2 = [
+            torch.zeros(tokens, w.shape[0], dtype=ctx.dtype, device=saved[0].device)
+            if g is None
+            else g.reshape(tokens, -1).to(ctx.dtype)
+            for g, w in zip(grads, ctx.weights)
+        ]
+        grad_x, grads_a, grads_b = group_backward(ctx, saved, g2)
+        return (grad_x, None, None, None, *([None] * (2 * k)), *grads_a, *grads_b)
+
+
+def group_backward(ctx, saved: tuple, g2: list[torch.Tensor]) -> tuple:
+    """x's whole gradient (base and adapter) and the adapters' float32 gradients, from the
+    members' output gradients `g2` ((tokens, out) each, compute dtype) and what the forward
+    saved first: the dropped input, its mask, the rank-r products, A stacked, the scaled Bs and
+    the float32 As."""
+    k, dtype, weights = ctx.k, ctx.dtype, ctx.weights
+    dropped, mask, low, a_all = saved[:4]
+    b_scaled, lora_a = saved[4 : 4 + k], saved[4 + k : 4 + 2 * k]
+    with torch.autocast(dropped.device.type, enabled=False):
+        grad_low = torch.cat([g @ b for g, b in zip(g2, b_scaled)], dim=1)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            handoff = getattr(ctx, "handoff", None)
+            if handoff is not None and mask is None:  # LoraSwiglu's backward adds the adapter's
+                handoff.pending = (grad_low, a_all)  # part: the base GEMM writes (beta = 0)
+            else:  # the adapter's part first, each base GEMM accumulating into it (beta = 1)
+                grad_x = fused_dropout.lora_input_grad(grad_low, a_all, ctx.p, mask)
+            for g, weight in zip(g2, weights):
+                if grad_x is None:
+                    grad_x = g @ weight.to(dtype)
                 else:
-                    grad_x = grad_low @ a_all
-                    if mask is not None:  # dropout's own backward (a bool mask and a bf16
-                        # product in one mixed-dtype elementwise op ran 2x slower)
-                        scale = 1.0 / (1.0 - ctx.p)
-                        grad_x = torch.ops.aten.native_dropout_backward(grad_x, mask, scale)
-                for g, weight in zip(g2, weights):
                     grad_x.addmm_(g, weight.to(dtype))
-                grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
-            grad_a = (grad_low.t() @ dropped).split([a.shape[0] for a in lora_a])
-            grads_a = [g.to(a.dtype) for g, a in zip(grad_a, lora_a)]
-            grads_b, start = [], 0
-            for g, a, s in zip(g2, lora_a, ctx.scales):
-                rank = a.shape[0]
-                grads_b.append((g.t() @ low[:, start : start + rank]).float().mul_(s))
-                start += rank
-        return (grad_x, None, None, *([None] * (2 * k)), *grads_a, *grads_b)
+            grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
+        grad_a = (grad_low.t() @ dropped).split([a.shape[0] for a in lora_a])
+        grads_a = [g.to(a.dtype) for g, a in zip(grad_a, lora_a)]
+        grads_b, start = [], 0
+        for g, a, s in zip(g2, lora_a, ctx.scales):
+            rank = a.shape[0]
+            grads_b.append((g.t() @ low[:, start : start + rank]).float().mul_(s))
+            start += rank
+    return grad_x, grads_a, grads_b
 
 
 class FrozenBase(torch.autograd.Function):
@@ -131,13 +141,7 @@ def adapter_outputs(x, p: float, a_all, b_scaled, biases) -> tuple:
     dtype = a_all.dtype
     with torch.autocast(x.device.type, enabled=False):
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-        mask = None
-        dropped = x2
-        if p > 0 and fused_dropout.usable(x2, a_all.shape[0]):  # mask drawn again in backward
-            mask = fused_dropout.draw_seed(x2.device)
-            dropped = fused_dropout.dropped(x2, p, mask)
-        elif p > 0:
-            dropped, mask = torch.native_dropout(x2, p, True)
+        dropped, mask = drop(x2, p, a_all.shape[0])
         low = dropped @ a_all.t()  # (tokens, sum of ranks)
         outputs, start = [], 0
         for bias, b in zip(biases, b_scaled):
@@ -149,6 +153,17 @@ def adapter_outputs(x, p: float, a_all, b_scaled, biases) -> tuple:
             start += b.shape[1]
             outputs.append(out)  # (tokens, out features): not a view, FrozenBase adds into it
     return outputs, dropped, mask, low
+
+
+def drop(x2: torch.Tensor, p: float, rank: int) -> tuple:
+    """The dropped-out rows and their mask: None without dropout, on a GPU a one-element seed
+    that the Triton backward draws the mask from again (kernels.dropout)."""
+    if p > 0 and fused_dropout.usable(x2, rank):
+        seed = fused_dropout.draw_seed(x2.device)
+        return fused_dropout.dropped(x2, p, seed), seed
+    if p > 0:
+        return torch.native_dropout(x2, p, True)
+    return x2, None
 
 
 def add_base(x, weights, outputs) -> None:
@@ -212,7 +227,7 @@ class LoraGroup:
     def adapter(self) -> str | None:
         return shared_adapter(self.modules)
 
-    def run(self, x: torch.Tensor, name: str) -> list[torch.Tensor]:
+    def run(self, x: torch.Tensor, name: str, handoff: Any = None) -> list:
         weights = [m.base_layer.weight for m in self.modules]
         biases = [m.base_layer.bias for m in self.modules]
         adapters = self.adapter_weights(name)
@@ -220,10 +235,13 @@ class LoraGroup:
         if not torch.is_grad_enabled():  # decode: no autograd record, no dropout
             a_all, b_scaled, _ = lowrank
             return grouped_outputs(x, 0.0, a_all, b_scaled, weights, biases)
-        training = self.modules[0].training
-        p = dropout_rate(self.modules[0], name) if training else 0.0
-        adapted = GroupedLora.apply(x, p, lowrank, *weights, *biases, *adapters)
+        adapted = GroupedLora.apply(
+            x, self.rate(name), lowrank, handoff, *weights, *biases, *adapters
+        )
         return unflatten(FrozenBase.apply(x.detach(), tuple(weights), *adapted), x)
+
+    def rate(self, name: str) -> float:
+        return dropout_rate(self.modules[0], name) if self.modules[0].training else 0.0
 
     def adapter_weights(self, name: str) -> list[torch.Tensor]:
         """Every member's A, then every member's B."""
@@ -325,6 +343,8 @@ def dropout_rate(module: Any, adapter: str) -> float:
 def fuse_lora(model: Any) -> int:
     """Route every plain LoRA Linear of `model` through GroupedLora, grouping the projections
     that share an input; return the number of layers routed. `unfuse_lora` undoes it."""
+    from selftune.kernels import lora_mlp
+
     watch_optimizers()
     routed = 0
     for parent in model.modules():
@@ -339,6 +359,8 @@ def fuse_lora(model: Any) -> int:
                 children[name].forward = _bound(group, index)
                 children[name]._selftune_group = group
                 routed += 1
+            if names == ["gate_proj", "up_proj"] and lora_mlp.swiglu_mlp(parent):
+                lora_mlp.route_mlp(parent, group)
     ROUTINGS[0] += bool(routed)
     return routed
 
@@ -362,8 +384,11 @@ def _bound(group: LoraGroup, index: int):
 
 def unfuse_lora(model: Any) -> None:
     """Give every routed layer back its PEFT forward."""
+    from selftune.kernels import lora_mlp
+
     undone = False
     for module in model.modules():
+        lora_mlp.unroute_mlp(module)
         if getattr(module, "_selftune_group", None) is not None:
             del module.forward
             del module._selftune_group

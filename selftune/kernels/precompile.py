@@ -4,8 +4,8 @@ Triton compiles a kernel at its first launch for each specialisation (dtypes, co
 integer's divisibility by 16), and keeps it on disk for later processes. On a machine's first
 run that cache is empty: the tutorial's training loop took 9.1 s on a fresh H200 against 3.0 s
 in the next process (bench/README.md). Launched once on one-row tensors of the model's widths
-while its weights are read (`preload`), the dropout and cross-entropy kernels compile in that
-time instead, and the step's own launches find them compiled.
+while its weights are read (`preload`), the dropout, SwiGLU and cross-entropy kernels compile in
+that time instead, and the step's own launches find them compiled.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from selftune.kernels import ce_rows, dropout, load_triton
+from selftune.kernels import ce_rows, dropout, load_triton, swiglu
 from selftune.kernels.lora import SHARED_INPUT
 
 
@@ -55,5 +55,15 @@ def launch_each(widths: set[int], vocab: int, rank: int, dtype: torch.dtype, dev
             low = torch.zeros(1, ranks, dtype=dtype, device=device)
             a_all = torch.zeros(ranks, width, dtype=dtype, device=device)
             dropout.input_grad(low, a_all, 0.05, seed)
+        if rank <= swiglu.MAX_RANK:  # gate and up's activation (one specialisation serves
+            # every width that 16 divides, as the models' MLP widths are), its backward with
+            # down_proj's adapter gradient handed in and without
+            low = torch.zeros(1, 2 * rank, dtype=dtype, device=device)
+            b_scaled = [torch.zeros(width, rank, dtype=dtype, device=device)] * 2
+            out = swiglu.kernel_forward(x, x, low, b_scaled)
+            low_grad = torch.zeros(1, rank, dtype=dtype, device=device)
+            a_down = torch.zeros(rank, width, dtype=dtype, device=device)
+            for deferred in (low_grad, a_down), None:
+                swiglu.kernel_backward_(out, x.clone(), x.clone(), low, b_scaled, deferred)
     logits = torch.zeros(1, vocab, dtype=dtype, device=device)
     ce_rows.ce_rows(logits, torch.zeros(1, dtype=torch.int64, device=device), write_grad=True)

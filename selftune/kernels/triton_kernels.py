@@ -120,3 +120,76 @@ def dropout_backward(low_ptr, a, out, seed_ptr, n_rows, n_cols, rank, tiles, p, 
     grad_part(low, a, out, rows, cols + part, ranks, n_rows, n_cols, rank, k1, scale)
     grad_part(low, a, out, rows, cols + 2 * part, ranks, n_rows, n_cols, rank, k2, scale)
     grad_part(low, a, out, rows, cols + 3 * part, ranks, n_rows, n_cols, rank, k3, scale)
+
+
+# -- SwiGLU over LoRA-adapted gate and up (kernels.swiglu) --
+
+
+@triton.jit
+def plus_lowrank(base, low_ptr, b_ptr, rows, cols, n_rows, n_cols, low_width, first, rank,
+                 ranks_per: tl.constexpr, a_rows: tl.constexpr):  # fmt: skip
+    """base + low[:, first:first + rank] @ B.T over the tile, in float32: B (n_cols, rank), or
+    with `a_rows` its transpose (rank, n_cols), as LoRA's A is stored."""
+    ranks = tl.arange(0, ranks_per)
+    low = tl.load(
+        low_ptr + rows[:, None].to(tl.int64) * low_width + first + ranks[None, :],
+        mask=(rows[:, None] < n_rows) & (ranks[None, :] < rank),
+        other=0.0,
+    )
+    if a_rows:
+        b_at = ranks[:, None] * n_cols + cols[None, :]
+    else:
+        b_at = cols[None, :] * rank + ranks[:, None]
+    b_tile = tl.load(
+        b_ptr + b_at, mask=(ranks[:, None] < rank) & (cols[None, :] < n_cols), other=0.0
+    )
+    inside = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    at = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+    value = tl.load(base + at, mask=inside, other=0.0).to(tl.float32)
+    return value + tl.dot(low, b_tile), at, inside
+
+
+@triton.jit
+def gate_and_up(gate, up, low, b_gate, b_up, rows, cols, n_rows, n_cols, rank_gate, rank_up,
+                ranks_per: tl.constexpr):  # fmt: skip
+    """The tile's adapted gate and up outputs, in float32 (gate's ranks first in `low`)."""
+    width = rank_gate + rank_up
+    g, at, inside = plus_lowrank(gate, low, b_gate, rows, cols, n_rows, n_cols, width, 0,
+                                 rank_gate, ranks_per, False)  # fmt: skip
+    u, _, _ = plus_lowrank(up, low, b_up, rows, cols, n_rows, n_cols, width, rank_gate,
+                           rank_up, ranks_per, False)  # fmt: skip
+    return g, u, at, inside
+
+
+@triton.jit(do_not_specialize=["n_rows"])
+def swiglu_forward(gate, up, low, b_gate, b_up, out, n_rows, n_cols,
+                   rank_gate: tl.constexpr, rank_up: tl.constexpr, rows_per: tl.constexpr,
+                   columns_per: tl.constexpr, ranks_per: tl.constexpr):  # fmt: skip
+    rows = tl.program_id(0) * rows_per + tl.arange(0, rows_per)
+    cols = tl.program_id(1) * columns_per + tl.arange(0, columns_per)
+    g, u, at, inside = gate_and_up(gate, up, low, b_gate, b_up, rows, cols, n_rows, n_cols,
+                                   rank_gate, rank_up, ranks_per)  # fmt: skip
+    h = g * tl.sigmoid(g) * u
+    tl.store(out + at, h.to(out.dtype.element_ty), mask=inside)
+
+
+@triton.jit(do_not_specialize=["n_rows", "rank_down"])
+def swiglu_backward(gate, up, low, b_gate, b_up, grad, low_grad, a_down, n_rows, n_cols,
+                    rank_gate: tl.constexpr, rank_up: tl.constexpr, rank_down,
+                    rows_per: tl.constexpr, columns_per: tl.constexpr, ranks_per: tl.constexpr,
+                    deferred: tl.constexpr):  # fmt: skip
+    """With `deferred`, down_proj's adapter part of the gradient, low_grad @ a_down, is added
+    to grad (its base part) as it is read."""
+    rows = tl.program_id(0) * rows_per + tl.arange(0, rows_per)
+    cols = tl.program_id(1) * columns_per + tl.arange(0, columns_per)
+    g, u, at, inside = gate_and_up(gate, up, low, b_gate, b_up, rows, cols, n_rows, n_cols,
+                                   rank_gate, rank_up, ranks_per)  # fmt: skip
+    if deferred:  # the same sum, its tile of A (rank, n_cols) read as B.T's is
+        d, _, _ = plus_lowrank(grad, low_grad, a_down, rows, cols, n_rows, n_cols, rank_down, 0,
+                               rank_down, ranks_per, True)  # fmt: skip
+    else:
+        d = tl.load(grad + at, mask=inside, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(g)
+    silu = g * sig
+    tl.store(up + at, (d * silu).to(up.dtype.element_ty), mask=inside)
+    tl.store(gate + at, (d * u * (sig + silu * (1 - sig))).to(gate.dtype.element_ty), mask=inside)

@@ -12,6 +12,21 @@ from selftune.kernels import dropout as fused_dropout
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernels run on a GPU")
 
 
+def gpu_lora_model(dropout: float):
+    """The tiny Qwen2 with rank-4 LoRA on every Linear, in bf16 on the GPU, its adapters float32
+    master weights (as training keeps them) with B drawn, so that they matter."""
+    from peft import LoraConfig, get_peft_model
+
+    model = build_tiny_qwen2(300, seed=0)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear")
+    model = get_peft_model(model, config).to("cuda", torch.bfloat16).train()
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.float()
+            torch.nn.init.normal_(param, std=0.05)
+    return model
+
+
 def check_kernels(device: str, dtype: torch.dtype) -> None:
     """Rows and columns that leave part tiles (16 or 32 rows by 512 columns), ranks 8 and 24."""
     for cols in (1100, 1104):  # a width Triton specialises on (divisible by 16) and one it cannot
@@ -62,17 +77,9 @@ def test_compiled_kernels(dtype):
 def test_grouped_lora_on_a_gpu_equals_plain_autograd_under_the_kernels_mask():
     """q, k and v through GroupedLora in bf16 with dropout, against PEFT's sum under the mask
     the kernel drew (the group's first draw from the generator after seeding)."""
-    from peft import LoraConfig, get_peft_model
-
     from selftune.kernels.lora import fuse_lora
 
-    model = build_tiny_qwen2(300, seed=0)
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules="all-linear")
-    model = get_peft_model(model, config).to("cuda", torch.bfloat16).train()
-    for name, param in model.named_parameters():
-        if "lora_" in name:
-            param.data = param.data.float()
-            torch.nn.init.normal_(param, std=0.05)
+    model = gpu_lora_model(dropout=0.3)
     fuse_lora(model)
     attention = model.base_model.model.model.layers[0].self_attn
     members = [attention.q_proj, attention.k_proj, attention.v_proj]

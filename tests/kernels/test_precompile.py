@@ -6,7 +6,7 @@ import pytest
 import torch
 from support import build_tiny_qwen2
 
-from selftune.kernels import ce_rows, dropout, load_triton
+from selftune.kernels import ce_rows, dropout, load_triton, swiglu
 from selftune.kernels.precompile import model_shapes, precompile
 
 
@@ -36,9 +36,11 @@ def compiled(*kernels) -> int:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_the_steps_launches_find_their_kernels_compiled(tiny_config_dir, dtype):
     """After precompile, launches of a pack's shapes (more rows, the groups' stacked ranks of a
-    rank-8 LoRA: o and down, gate and up, q, k and v) compile nothing more."""
+    rank-8 LoRA: o and down, gate and up, q, k and v; gate and up's SwiGLU) compile nothing
+    more."""
     triton = load_triton()
     kernels = (triton.dropout_forward, triton.dropout_backward, triton.ce_rows_kernel)
+    kernels += (triton.swiglu_forward, triton.swiglu_backward)
     for kernel in kernels:  # what earlier tests compiled in this process is forgotten
         kernel.device_caches.clear()
     assert precompile(tiny_config_dir, 8, dtype, "cuda")
@@ -53,6 +55,13 @@ def test_the_steps_launches_find_their_kernels_compiled(tiny_config_dir, dtype):
             low = torch.randn(70, ranks, dtype=dtype, device="cuda")
             a = torch.randn(ranks, width, dtype=dtype, device="cuda")
             dropout.input_grad(low, a, 0.1, seed)
+        low = torch.randn(70, 16, dtype=dtype, device="cuda")
+        b_scaled = [torch.randn(width, 8, dtype=dtype, device="cuda")] * 2
+        low_grad = torch.randn(70, 8, dtype=dtype, device="cuda")
+        a_down = torch.randn(8, width, dtype=dtype, device="cuda")
+        for deferred in (low_grad, a_down), None:
+            swiglu.kernel_backward_(x, x.clone(), x.clone(), low, b_scaled, deferred)
+        swiglu.kernel_forward(x, x, low, b_scaled)
     logits = torch.randn(70, vocab, dtype=dtype, device="cuda")
     ce_rows.ce_rows(logits, torch.randint(0, vocab, (70,), device="cuda"), write_grad=True)
     assert compiled(*kernels) == before

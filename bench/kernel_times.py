@@ -1,6 +1,6 @@
 """Micro-benchmarks of the training kernels that selftune chose between, on one GPU.
 
-    python bench/kernels.py
+    python bench/kernel_times.py [PART ...]   (parts: attention dropout blas_accumulate swiglu_lora lora_fold)
 
 Attention for three 2048-token rows of the 7B model (28 query and 4 key/value heads of 128),
 forward and forward + backward: the varlen flash kernel (key/value heads repeated, as torch 2.11's
@@ -8,8 +8,9 @@ forward and forward + backward: the varlen flash kernel (key/value heads repeate
 LoRA input dropout for 6,144 tokens: PyTorch's dropout (and, for backward, the rank-r GEMM plus
 dropout's backward) against the Triton kernels of selftune.kernels.dropout at several Philox
 rounds and forward tiles. One LoRA projection's forward with B's product written first (as
-grouped LoRA runs it) against B folded into the base GEMM along K. Times in ms (attention) and
-us (dropout, LoRA), as JSON.
+grouped LoRA runs it) against B folded into the base GEMM along K; gate and up's forward and
+SwiGLU with B's products written, against kernels.swiglu adding them inside the activation.
+Times in ms (attention) and us (dropout, LoRA, SwiGLU), as JSON.
 """
 
 from __future__ import annotations
@@ -187,18 +188,114 @@ def blas_accumulate(tokens: int = 6144, width: int = 3584) -> dict:
     return found
 
 
+def swiglu_lora(tokens: int = 6144, hidden: int = 3584, width: int = 18944, rank: int = 8) -> dict:
+    """Gate and up with LoRA, SwiGLU, and down_proj's input gradient, as grouped LoRA runs them
+    (B's products written and each base GEMM accumulating into its own; down_proj's adapter
+    gradient written, by the dropout kernel or without dropout, and its base GEMM accumulating
+    into it; Liger's SwiGLU) against kernels.swiglu: the base GEMMs writing, the rank-r
+    products added inside the activation, and without dropout down_proj's adapter gradient
+    handed to its backward. At several tiles, in us."""
+    from selftune.kernels import swiglu
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * scale
+
+    def us(fn) -> float:
+        return round(timed(fn, 30) * 1e6, 1)
+
+    x, grad_down = randn(tokens, hidden), randn(tokens, hidden)
+    w_gate, w_up = (randn(width, hidden, scale=hidden**-0.5) for _ in range(2))
+    w_down = randn(hidden, width, scale=width**-0.5)
+    a_all, a_down = randn(2 * rank, hidden, scale=hidden**-0.5), randn(rank, width, scale=0.1)
+    b_scaled = (randn(width, rank, scale=0.1), randn(width, rank, scale=0.1))
+    low, low_grad = x @ a_all.t(), randn(tokens, rank)
+    seed = fused_dropout.draw_seed(torch.device("cuda"))
+    try:
+        from liger_kernel.ops.swiglu import swiglu_backward, swiglu_forward
+    except ImportError:
+        return {"error": "liger-kernel is not installed"}
+
+    def landed_forward():
+        gate, up = low[:, :rank] @ b_scaled[0].t(), low[:, rank:] @ b_scaled[1].t()
+        gate.addmm_(x, w_gate.t())
+        up.addmm_(x, w_up.t())
+        return swiglu_forward(gate, up)[2]
+
+    gate, up = x @ w_gate.t(), x @ w_up.t()
+    g, u = gate.clone(), up.clone()  # overwritten by the gradients
+
+    def landed_backward(p: float):
+        if p:
+            grad = fused_dropout.input_grad(low_grad, a_down, p, seed)
+        else:
+            grad = low_grad @ a_down
+        grad.addmm_(grad_down, w_down)
+        swiglu_backward(g, u, grad)
+
+    def fused_forward(tile=None):
+        plain = x @ w_gate.t(), x @ w_up.t()
+        return swiglu.kernel_forward(*plain, low, b_scaled, tile)
+
+    def fused_backward(p: float, tile=None):
+        if p:  # no handoff under dropout: as landed, then the kernel
+            grad = fused_dropout.input_grad(low_grad, a_down, p, seed)
+            grad.addmm_(grad_down, w_down)
+            swiglu.kernel_backward_(grad, g, u, low, b_scaled, None, tile)
+        else:
+            grad = grad_down @ w_down
+            swiglu.kernel_backward_(grad, g, u, low, b_scaled, (low_grad, a_down), tile)
+
+    found = {
+        "landed_forward_us": us(landed_forward),
+        "base_gemms_alone_us": us(lambda: (x @ w_gate.t(), x @ w_up.t())),
+        "liger_forward_us": us(lambda: swiglu_forward(gate, up)),
+        "landed_backward_dropout_us": us(functools.partial(landed_backward, 0.05)),
+        "landed_backward_no_dropout_us": us(functools.partial(landed_backward, 0.0)),
+        "base_gemm_down_dx_us": us(lambda: grad_down @ w_down),
+        "liger_backward_us": us(lambda: swiglu_backward(g, u, grad_down @ w_down)),
+    }
+    expected = F.silu(gate.float() + low[:, :rank].float() @ b_scaled[0].float().t())
+    expected = expected * (up.float() + low[:, rank:].float() @ b_scaled[1].float().t())
+    grad = grad_down @ w_down
+    for tile in ((32, 128, 4), (16, 128, 4), (32, 64, 4), (64, 64, 4)):
+        key = "x".join(map(str, tile))
+        found[f"fused_forward_{key}_us"] = us(functools.partial(fused_forward, tile))
+        activation = functools.partial(swiglu.kernel_forward, gate, up, low, b_scaled, tile)
+        found[f"kernel_forward_{key}_us"] = us(activation)
+        found[f"kernel_forward_{key}_max_diff"] = (
+            (activation().float() - expected).abs().max().item()
+        )
+        for p in (0.05, 0.0):
+            found[f"fused_backward_p{p}_{key}_us"] = us(functools.partial(fused_backward, p, tile))
+        for kind, deferred in (("alone", None), ("handed", (low_grad, a_down))):
+            run = functools.partial(swiglu.kernel_backward_, grad, g, u, low, b_scaled, deferred)
+            found[f"kernel_backward_{kind}_{key}_us"] = us(functools.partial(run, tile))
+    return found
+
+
+PARTS = {
+    "attention": attention,
+    "dropout": dropout,
+    "blas_accumulate": blas_accumulate,
+    "swiglu_lora": swiglu_lora,
+    "lora_fold": lambda: {"gate_up": lora_fold(), "q": lora_fold(out=3584, rank=24)},
+}
+
+
 def main() -> None:
+    """Every part, or those named on the command line."""
     if not torch.cuda.is_available():
-        sys.exit("bench/kernels.py: needs a CUDA GPU")
+        sys.exit("bench/kernel_times.py: needs a CUDA GPU")
+    names = sys.argv[1:] or list(PARTS)
+    unknown = [n for n in names if n not in PARTS]
+    if unknown:
+        sys.exit(f"bench/kernel_times.py: unknown part {unknown[0]!r}; parts: {', '.join(PARTS)}")
     record = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "cudnn": torch.backends.cudnn.version(),
-        "attention": attention(),
-        "dropout": dropout(),
-        "blas_accumulate": blas_accumulate(),
-        "lora_fold": {"gate_up": lora_fold(), "q": lora_fold(out=3584, rank=24)},
     }
+    record.update((name, PARTS[name]()) for name in names)
     print(json.dumps(record, indent=1))
 
 
