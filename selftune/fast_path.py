@@ -65,6 +65,9 @@ def apply_liger(model: Any) -> bool:
                 setattr(module, key, rope_on_cuda_only(patched, library))
             else:
                 setattr(module, key, library)
+    from selftune.kernels.lora_mlp import reroute_mlps
+
+    reroute_mlps(model)  # MLPs routed for training before (decode after training) keep it
     return True
 
 

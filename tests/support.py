@@ -121,6 +121,15 @@ def run_selftune(*args, stdin: str = "", env: dict | None = None, timeout: int =
     )
 
 
+def assert_close_to_scale(got, want, rel: float, msg: str = "") -> None:
+    """got = want within `rel` of each element and of want's largest magnitude (bf16 results,
+    where a fixed tolerance would pass zeros for small values)."""
+    import torch
+
+    scale = want.abs().max().item()
+    torch.testing.assert_close(got, want, rtol=rel, atol=rel * scale, msg=msg or None)
+
+
 def graph_nodes(tensor: torch.Tensor) -> set[str]:
     """The names of the autograd nodes that produced `tensor`."""
     names, todo, seen = set(), [tensor.grad_fn], set()

@@ -63,6 +63,10 @@ class LoraSwiglu(torch.autograd.Function):
             if ctx.handoff_in is not None:
                 deferred, ctx.handoff_in.pending = ctx.handoff_in.pending, None
             swiglu.backward_(grad, gate, up, low, b_scaled, deferred)  # gate, up := gradients
+            # the kernel wrote through pointers: count the writes, so that a second backward
+            # through this graph (retain_graph) fails as for any tensor modified in place
+            for saved_output in (gate, up):
+                torch.autograd.graph.increment_version(saved_output)
         grad_x, grads_a, grads_b = group_backward(ctx, saved, [gate, up])
         return (grad_x, None, None, None, None, None, None, None, *grads_a, *grads_b)
 
@@ -89,10 +93,12 @@ def swiglu_mlp(module: Any) -> bool:
 
 def route_mlp(mlp: Any, group: LoraGroup) -> None:
     """Run `mlp`'s gate, up and activation through LoraSwiglu when autograd records (training);
-    otherwise, and for adapters it cannot run or projections with hooks (PEFT's mixed-adapter
-    batches pass their adapter names through hooks), the forward it had."""
-    kept = mlp.__dict__.get("_selftune_mlp", (mlp.__dict__.get("forward"),))
-    previous = kept[0] or type(mlp).forward.__get__(mlp)
+    otherwise, and for adapters it cannot run or modules with hooks (PEFT's mixed-adapter
+    batches pass their adapter names through hooks; LoraSwiglu never calls the projections as
+    modules), the forward it had: Liger's or the class's."""
+    routed = mlp.__dict__.get("_selftune_mlp")
+    kept = routed[0] if routed is not None else mlp.__dict__.get("forward")
+    previous = kept or type(mlp).forward.__get__(mlp)
 
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         name = group.adapter()
@@ -106,8 +112,20 @@ def route_mlp(mlp: Any, group: LoraGroup) -> None:
         handoff = Handoff()
         return down.run(activation(group, x, name, handoff), down_name, handoff)[0]
 
-    mlp._selftune_mlp = kept
+    forward._selftune_route = True
+    mlp._selftune_mlp = (kept, group)
     mlp.forward = forward
+
+
+def reroute_mlps(model: Any) -> None:
+    """Route again the MLPs whose forward was bound anew after routing (Liger's patch, applied
+    for decoding a model trained in this process), keeping the new forward as the fallback."""
+    for module in model.modules():
+        routed = module.__dict__.get("_selftune_mlp")
+        current = module.__dict__.get("forward")
+        if routed is not None and not getattr(current, "_selftune_route", False):
+            module._selftune_mlp = (current, routed[1])
+            route_mlp(module, routed[1])
 
 
 def activation(group: LoraGroup, x: torch.Tensor, name: str, handoff: Handoff | None):
@@ -122,7 +140,9 @@ def activation(group: LoraGroup, x: torch.Tensor, name: str, handoff: Handoff | 
 def unroute_mlp(module: Any) -> None:
     """Give a routed MLP back the forward it had (Liger's, or its class's)."""
     if "_selftune_mlp" in module.__dict__:
-        (kept,) = module.__dict__.pop("_selftune_mlp")
+        kept, _ = module.__dict__.pop("_selftune_mlp")
+        if not getattr(module.__dict__.get("forward"), "_selftune_route", False):
+            return  # bound anew since (reroute_mlps not called): that forward stays
         if kept is None:
             del module.forward
         else:
@@ -130,4 +150,18 @@ def unroute_mlp(module: Any) -> None:
 
 
 def hooked(group: LoraGroup) -> bool:
-    return any(m._forward_pre_hooks or m._forward_hooks for m in group.modules)
+    """Hooks that calling the projections as modules would run: their own or global ones."""
+    from torch.nn.modules import module as modules
+
+    global_hooks = (
+        modules._global_forward_pre_hooks,
+        modules._global_forward_hooks,
+        modules._global_backward_pre_hooks,
+        modules._global_backward_hooks,
+    )
+    if any(global_hooks):
+        return True
+    return any(
+        m._forward_pre_hooks or m._forward_hooks or m._backward_pre_hooks or m._backward_hooks
+        for m in group.modules
+    )
