@@ -98,7 +98,7 @@ def group_backward(ctx, saved: tuple, g2: list[torch.Tensor]) -> tuple:
         grad_low = torch.cat([g @ b for g, b in zip(g2, b_scaled)], dim=1)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            handoff = getattr(ctx, "handoff", None)
+            handoff = ctx.handoff
             if handoff is not None and mask is None:  # LoraSwiglu's backward adds the adapter's
                 handoff.pending = (grad_low, a_all)  # part: the base GEMM writes (beta = 0)
             else:  # the adapter's part first, each base GEMM accumulating into it (beta = 1)
@@ -140,9 +140,7 @@ def adapter_outputs(x, p: float, a_all, b_scaled, biases) -> tuple:
     int64 seed instead of a bool mask: kernels.dropout) and the rank-r products."""
     dtype = a_all.dtype
     with torch.autocast(x.device.type, enabled=False):
-        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-        dropped, mask = drop(x2, p, a_all.shape[0])
-        low = dropped @ a_all.t()  # (tokens, sum of ranks)
+        _, dropped, mask, low = adapter_input(x, p, a_all)
         outputs, start = [], 0
         for bias, b in zip(biases, b_scaled):
             part = low[:, start : start + b.shape[1]]
@@ -155,15 +153,18 @@ def adapter_outputs(x, p: float, a_all, b_scaled, biases) -> tuple:
     return outputs, dropped, mask, low
 
 
-def drop(x2: torch.Tensor, p: float, rank: int) -> tuple:
-    """The dropped-out rows and their mask: None without dropout, on a GPU a one-element seed
-    that the Triton backward draws the mask from again (kernels.dropout)."""
-    if p > 0 and fused_dropout.usable(x2, rank):
-        seed = fused_dropout.draw_seed(x2.device)
-        return fused_dropout.dropped(x2, p, seed), seed
-    if p > 0:
-        return torch.native_dropout(x2, p, True)
-    return x2, None
+def adapter_input(x: torch.Tensor, p: float, a_all: torch.Tensor) -> tuple:
+    """x as rows in the compute dtype, those rows dropped out, the mask (None without dropout;
+    on a GPU a one-element seed that the Triton backward draws the mask from again:
+    kernels.dropout) and the rank-r products (tokens, sum of ranks). Autocast off."""
+    x2 = x.reshape(-1, x.shape[-1]).to(a_all.dtype)
+    dropped, mask = x2, None
+    if p > 0 and fused_dropout.usable(x2, a_all.shape[0]):
+        mask = fused_dropout.draw_seed(x2.device)
+        dropped = fused_dropout.dropped(x2, p, mask)
+    elif p > 0:
+        dropped, mask = torch.native_dropout(x2, p, True)
+    return x2, dropped, mask, dropped @ a_all.t()
 
 
 def add_base(x, weights, outputs) -> None:
@@ -228,10 +229,7 @@ class LoraGroup:
         return shared_adapter(self.modules)
 
     def run(self, x: torch.Tensor, name: str, handoff: Any = None) -> list:
-        weights = [m.base_layer.weight for m in self.modules]
-        biases = [m.base_layer.bias for m in self.modules]
-        adapters = self.adapter_weights(name)
-        lowrank = self.current_lowrank(name, adapters, x.device.type)
+        weights, biases, adapters, lowrank = self.tensors(name, x.device.type)
         if not torch.is_grad_enabled():  # decode: no autograd record, no dropout
             a_all, b_scaled, _ = lowrank
             return grouped_outputs(x, 0.0, a_all, b_scaled, weights, biases)
@@ -239,6 +237,14 @@ class LoraGroup:
             x, self.rate(name), lowrank, handoff, *weights, *biases, *adapters
         )
         return unflatten(FrozenBase.apply(x.detach(), tuple(weights), *adapted), x)
+
+    def tensors(self, name: str, device_type: str) -> tuple:
+        """The members' base weights and biases, the adapters' float32 weights and their cast
+        (compute_lowrank) for the adapter `name`."""
+        weights = [m.base_layer.weight for m in self.modules]
+        biases = [m.base_layer.bias for m in self.modules]
+        adapters = self.adapter_weights(name)
+        return weights, biases, adapters, self.current_lowrank(name, adapters, device_type)
 
     def rate(self, name: str) -> float:
         return dropout_rate(self.modules[0], name) if self.modules[0].training else 0.0

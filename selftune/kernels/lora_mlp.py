@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.nn.modules import module as modules
 
 from selftune.kernels import swiglu
-from selftune.kernels.lora import LoraGroup, drop, group_backward
+from selftune.kernels.lora import LoraGroup, adapter_input, group_backward
 
 # decoder MLPs whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x))
 SWIGLU_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
@@ -38,15 +39,14 @@ class LoraSwiglu(torch.autograd.Function):
         weights, biases, lora_a = tensors[:2], tensors[2:4], tensors[4:6]
         dtype = a_all.dtype
         with torch.autocast(x.device.type, enabled=False):
-            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            dropped, mask = drop(x2, p, a_all.shape[0])
-            low = dropped @ a_all.t()
+            x2, dropped, mask, low = adapter_input(x, p, a_all)
             gate, up = (
                 torch.nn.functional.linear(x2, w.to(dtype), None if b is None else b.to(dtype))
                 for w, b in zip(weights, biases)
             )
             out = swiglu.forward(gate, up, low, b_scaled)
-        ctx.p, ctx.k, ctx.dtype, ctx.scales, ctx.handoff_in = p, 2, dtype, scales, handoff
+        ctx.p, ctx.k, ctx.dtype, ctx.scales = p, 2, dtype, scales
+        ctx.handoff, ctx.handoff_in = None, handoff  # x's gradient its own; down_proj's part in
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         ctx.weights = weights  # frozen: kept by reference, not saved (as GroupedLora)
         ctx.save_for_backward(dropped, mask, low, a_all, *b_scaled, *lora_a, gate, up)
@@ -124,16 +124,13 @@ def reroute_mlps(model: Any) -> None:
         routed = module.__dict__.get("_selftune_mlp")
         current = module.__dict__.get("forward")
         if routed is not None and not getattr(current, "_selftune_route", False):
-            module._selftune_mlp = (current, routed[1])
+            del module._selftune_mlp  # route_mlp then keeps the current forward
             route_mlp(module, routed[1])
 
 
 def activation(group: LoraGroup, x: torch.Tensor, name: str, handoff: Handoff | None):
     """silu(gate(x)) * up(x) for the group (gate_proj, up_proj), through LoraSwiglu."""
-    weights = [m.base_layer.weight for m in group.modules]
-    biases = [m.base_layer.bias for m in group.modules]
-    adapters = group.adapter_weights(name)
-    lowrank = group.current_lowrank(name, adapters, x.device.type)
+    weights, biases, adapters, lowrank = group.tensors(name, x.device.type)
     return LoraSwiglu.apply(x, group.rate(name), lowrank, handoff, *weights, *biases, *adapters)
 
 
@@ -151,8 +148,6 @@ def unroute_mlp(module: Any) -> None:
 
 def hooked(group: LoraGroup) -> bool:
     """Hooks that calling the projections as modules would run: their own or global ones."""
-    from torch.nn.modules import module as modules
-
     global_hooks = (
         modules._global_forward_pre_hooks,
         modules._global_forward_hooks,

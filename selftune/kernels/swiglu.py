@@ -45,8 +45,8 @@ def backward_(grad, gate, up, low, b_scaled, deferred: tuple | None = None) -> N
     gradient of forward's output, or of its base part alone with `deferred` = (low_grad, A):
     down_proj's adapter part, low_grad @ A (no dropout on it), is added here as grad is read."""
     grad = grad.contiguous()
-    kernel = usable(gate, (*ranks_of(b_scaled), 1 if deferred is None else deferred[1].shape[0]))
-    if kernel:
+    down_rank = 1 if deferred is None else deferred[1].shape[0]
+    if usable(gate, (*ranks_of(b_scaled), down_rank)):
         kernel_backward_(grad, gate, up, low, b_scaled, deferred)
         return
     if deferred is not None:
