@@ -33,6 +33,10 @@ TUTORIAL_FLAGS = [
     "--warmup_ratio", "0.05", "--dataloader_num_workers", "4",
     "--model_author", "swift", "--model_name", "swift-robot",
 ]  # fmt: skip
+NO_READAHEAD = (
+    "import selftune.readahead as r; r.start_readahead = lambda spec: None; "
+    "from selftune.cli import console; console()"
+)
 
 
 def write_model(config_path: str, tokenizer_dir: str, folder: Path) -> float:
@@ -95,12 +99,19 @@ def main() -> None:
     )
     parser.add_argument("--log", help="write every stderr line, stamped, to this file")
     parser.add_argument(
+        "--no_readahead",
+        action="store_true",
+        help="the weights are not read ahead (selftune.readahead) while the run imports",
+    )
+    parser.add_argument(
         "--pycache",
         help="keep compiled bytecode in this folder, as pip's install does in the packages' own "
         "(for a Python run with PYTHONDONTWRITEBYTECODE or read-only packages); filled by an "
         "untimed run first",
     )
     args = parser.parse_args()
+    if args.profile and args.no_readahead:
+        parser.error("--profile runs `-m selftune`; --no_readahead runs `-c`: pick one")
     work = Path(args.work)
     model_dir = work / "model"
     report: dict = {}
@@ -115,7 +126,10 @@ def main() -> None:
 
     def sft(output_dir: Path, profile: str | None = None) -> list[str]:
         profiler = ["-m", "cProfile", "-o", profile] if profile else []
-        command = [sys.executable, *profiler, "-m", "selftune", "sft", "--model", str(model_dir)]
+        entry = ["-m", "selftune"]
+        if args.no_readahead:  # the run as before selftune.readahead, for an A/B on one machine
+            entry = ["-c", NO_READAHEAD]
+        command = [sys.executable, *profiler, *entry, "sft", "--model", str(model_dir)]
         return command + [
             "--dataset",
             args.dataset,

@@ -355,8 +355,12 @@ def load_for_inference(args: Any) -> Loaded:
             "no model given: pass --model, or --adapters with a selftune checkpoint"
         )
     full_checkpoint = adapters and (adapters[0] / "config.json").is_file()
+    weights = str(adapters[0]) if full_checkpoint else spec
+    from selftune.readahead import start_readahead
+
+    start_readahead(weights)  # read while transformers imports and the tokenizer loads
     model, tokenizer, folder = load_model(
-        str(adapters[0]) if full_checkpoint else spec,
+        weights,
         args.torch_dtype,
         args.device,
         getattr(args, "quant_bits", None),

@@ -173,6 +173,7 @@ def prepare(args: SftArgs) -> tuple[Any, ...]:
     from selftune.data.identity import model_default_system, parse_identity_values
     from selftune.data.mix import check_datasets, load_mixture, split, uses_identity
     from selftune.models import load_tokenizer, resolve_model
+    from selftune.readahead import start_readahead
 
     identity = None
     if args.replay is None:
@@ -185,6 +186,7 @@ def prepare(args: SftArgs) -> tuple[Any, ...]:
     # every row is read and checked before anything of the model is touched
     loaded = check_datasets(args.dataset, identity)
     val_loaded = check_datasets(args.val_dataset, identity) if args.val_dataset else {}
+    start_readahead(args.model)  # the weights read while torch and transformers import
     folder = resolve_model(args.model)
     tokenizer = load_tokenizer(folder)
     default_system = model_default_system(tokenizer)
