@@ -1,4 +1,5 @@
-"""Read a local model's weight files into the page cache from the start of a run.
+"""Read a model's weight files (a local folder, or a hub snapshot already in the Hugging Face
+cache) into the page cache from the start of a run.
 
 From a cold page cache, the tutorial's run on an H200 spent its first 7 s importing torch and
 transformers and encoding the data, and only then read 15 GB of weights in 10-12 s
@@ -58,24 +59,62 @@ def read_into_cache(files: list[Path]) -> None:
                 return
 
 
+def cached_hub_folder(hub_id: str) -> Path | None:
+    """The snapshot folder of `hub_id` already in the Hugging Face cache; None where it is not
+    there (the load downloads it)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(hub_id, "config.json")
+    except Exception as exc:  # a malformed id or cache: the load says what is wrong
+        log.debug("no readahead for %s: %s", hub_id, exc)
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def fits(files: list[Path]) -> bool:
+    """Whether the files fit in half the memory the system has available."""
+    available = available_memory()
+    total = sum(p.stat().st_size for p in files)
+    return bool(files) and available is not None and total <= available // 2
+
+
+def read_model(folder: Path | None, hub_id: str | None) -> None:
+    """Read the weights of `folder`, or of `hub_id`'s cached snapshot where it is None."""
+    folder = folder if folder is not None else cached_hub_folder(hub_id or "")
+    files = weight_files(folder) if folder is not None else []
+    if fits(files):
+        read_into_cache(files)
+
+
 def start_readahead(spec: str | None) -> threading.Thread | None:
     """Start reading the weights of `spec` into the page cache, where it names a local model
-    folder (hub ids and GGUF files are resolved later, by the load); the thread, or None where
-    nothing is read."""
+    folder or a hub model (an id, or a bare name as `resolve_model` maps it) already in the
+    Hugging Face cache, looked up in the thread since importing huggingface_hub takes a
+    moment; the thread, or None where there is nothing to read."""
     if not spec or not hasattr(os, "sendfile"):
         return None
-    from selftune.models import embedded_cache_dir, is_embedded, is_model_folder
+    from selftune.models import (
+        bare_name_hub_id,
+        embedded_cache_dir,
+        is_embedded,
+        is_model_folder,
+        looks_like_path,
+    )
 
-    folder = embedded_cache_dir() if is_embedded(spec) else Path(spec).expanduser()
+    folder: Path | None = embedded_cache_dir() if is_embedded(spec) else Path(spec).expanduser()
+    hub_id = None
     if not is_model_folder(folder):
-        return None
-    files = weight_files(folder)
-    total = sum(p.stat().st_size for p in files)
-    available = available_memory()
-    if not files or available is None or total > available // 2:
+        if is_embedded(spec) or looks_like_path(spec) or spec.lower().endswith(".gguf"):
+            return None  # the load converts the embedded GGUF, or says the path is not there
+        hub_id = spec if spec.count("/") == 1 else bare_name_hub_id(spec)
+        if hub_id is None:
+            return None  # the load says what it tried
+        folder = None
+    elif not fits(weight_files(folder)):
         return None
     thread = threading.Thread(
-        target=read_into_cache, args=(files,), name="selftune-readahead", daemon=True
+        target=read_model, args=(folder, hub_id), name="selftune-readahead", daemon=True
     )
     thread.start()
     return thread

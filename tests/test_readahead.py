@@ -77,10 +77,12 @@ def test_the_weights_are_in_the_page_cache_after_the_thread(tmp_path):
     assert [round(resident_share(p), 2) for p in files] == [1.0] * len(files)
 
 
-def test_only_local_model_folders_that_fit_in_memory_are_read(tmp_path, monkeypatch):
+def test_only_model_folders_that_fit_in_memory_are_read(tmp_path, monkeypatch):
     folder = model_folder(tmp_path, shards=1, size=1 << 20)
     assert start_readahead(None) is None
-    assert start_readahead("Qwen/Qwen2.5-7B-Instruct") is None  # a hub id: the load resolves it
+    assert start_readahead("ms://Qwen/Qwen2.5-7B-Instruct") is None  # ModelScope: not looked up
+    assert start_readahead("no-such-name") is None  # neither a folder nor a hub id
+    assert start_readahead(str(tmp_path / "gone.gguf")) is None
     assert start_readahead(str(tmp_path)) is None  # no config.json
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.json").write_text("{}")
@@ -105,3 +107,51 @@ def test_an_unreadable_file_ends_the_thread_quietly(tmp_path, caplog):
     caplog.set_level("DEBUG", logger="selftune.readahead")
     read_into_cache([tmp_path / "gone.safetensors"])  # the load reports it; the thread stops
     assert "readahead of" in caplog.text and "gone.safetensors" in caplog.text
+
+
+def hub_snapshot(cache, hub_id: str, shards: int = 2):
+    """A model in the Hugging Face cache's layout: blobs, a snapshot of links to them, and
+    refs/main naming the snapshot."""
+    repo = cache / ("models--" + hub_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / ("0" * 40)
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    names = ["config.json"] + [
+        f"model-0000{i + 1}-of-0000{shards}.safetensors" for i in range(shards)
+    ]
+    for i, name in enumerate(names):
+        blob = repo / "blobs" / f"blob{i}"
+        blob.write_bytes(b"{}" if name == "config.json" else os.urandom(4096))
+        (snapshot / name).symlink_to(blob)
+    return snapshot
+
+
+@pytest.mark.parametrize("spec", ["Qwen/Qwen2.5-7B-Instruct", "Qwen2.5-7B-Instruct"])
+def test_a_hub_model_in_the_cache_is_read(tmp_path, monkeypatch, spec):
+    """A hub id, or a bare name with no local folder of that name, is read from its cached
+    snapshot, as resolve_model would load it; one not in the cache reads nothing."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)  # no local folder named like the model
+    read: list[list] = []
+    monkeypatch.setattr(readahead, "read_into_cache", read.append)
+    monkeypatch.setattr(readahead, "available_memory", lambda: 1 << 30)
+
+    thread = start_readahead(spec)  # not cached yet: the load downloads it
+    assert thread is not None
+    thread.join(timeout=60)
+    assert read == []
+
+    snapshot = hub_snapshot(cache, "Qwen/Qwen2.5-7B-Instruct")
+    thread = start_readahead(spec)
+    thread.join(timeout=60)
+    assert read == [weight_files(snapshot)] and len(read[0]) == 2
+
+    monkeypatch.setattr(readahead, "available_memory", lambda: 8191)  # over half
+    read.clear()
+    start_readahead(spec).join(timeout=60)
+    assert read == []
