@@ -259,13 +259,32 @@ def test_a_one_token_forward_after_an_update_reads_the_new_adapter():
         torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits)
 
 
-def test_a_safe_merge_moves_the_weights_and_the_stacks_go():
+def test_a_safe_merge_decodes_as_the_merged_reference():
+    """PEFT's safe merge replaced each weight's .data up to 0.21 and copies into it since 0.22:
+    either way the stacked decode gives the merged model's tokens."""
     model = with_lora(sharpened(build_tiny_llama))
     reference = copy.deepcopy(model)
-    fast(model)
-    stacks = stacks_of(model)
-    model.merge_adapter(safe_merge=True)  # PEFT replaces each weight's .data: no views left
+    before = fast(model)
+    model.merge_adapter(safe_merge=True)
     reference.merge_adapter(safe_merge=True)
+    assert fast(model) == plain(reference)
+    reference.unmerge_adapter()
+    assert plain(reference) == before
+
+
+def test_replaced_weights_release_the_stacks():
+    """A base weight replaced under the stacks (a state-dict load with assign=True) is no view
+    of their buffer any more: the stacks go, and the decode reads the new weights."""
+    model = with_lora(sharpened(build_tiny_llama))
+    reference = copy.deepcopy(model)
+    before = fast(model)
+    stacks = stacks_of(model)
+    with torch.no_grad():
+        for name, param in reference.named_parameters():
+            if "base_layer.weight" in name:
+                param.copy_(param.roll(1, dims=0))
+    assert plain(reference) != before  # the new weights decode differently
+    model.load_state_dict({k: v.clone() for k, v in reference.state_dict().items()}, assign=True)
     assert not any(s.intact() for s in stacks)
     assert fast(model) == plain(reference)
     assert all(s.released for s in stacks) and stacks_of(model) == []
