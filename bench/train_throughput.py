@@ -36,6 +36,7 @@ from selftune.batches import StepRows, assemble, packed, step_pack_tokens  # noq
 from selftune.data.encode import Example  # noqa: E402
 from selftune.fast_path import (  # noqa: E402
     choose_checkpointing,
+    enable_checkpointing,
     enable_fast_path,
     set_checkpointing,
 )
@@ -323,7 +324,7 @@ def fresh(config: str, device: str, impl: str, checkpoint_layers, packing: bool,
         set_checkpointing(base, checkpoint_layers)
         return model, enabled
     if checkpoint_layers != 0:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)  # what stock users call, under either name
         model.enable_input_require_grads()
     return model, []
 

@@ -108,12 +108,22 @@ def decoder_layers(model: Any) -> list[Any]:
     return list(getattr(decoder, "layers", []))
 
 
+def enable_checkpointing(model: Any) -> None:
+    """Checkpoint every decoder layer (non-reentrant). transformers 5.25 renamed
+    `gradient_checkpointing_enable`, whose old name warns until v6 removes it."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def set_checkpointing(model: Any, layers: int | None) -> None:
     """Checkpoint the first `layers` decoder layers (all when None, none when 0)."""
     all_layers = decoder_layers(model)
     if layers == 0 or not all_layers:
         return
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model)
     if layers is not None:
         for index, layer in enumerate(all_layers):
             if hasattr(layer, "gradient_checkpointing"):

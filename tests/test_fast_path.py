@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import pytest
 import torch
@@ -13,10 +14,12 @@ from selftune.fast_path import (
     activation_bytes,
     auto_checkpoint_layers,
     choose_checkpointing,
+    decoder_layers,
     disable_fast_path,
     enable_fast_path,
     memory_is_modelled,
     packs_safely,
+    set_checkpointing,
 )
 
 
@@ -61,6 +64,22 @@ def test_explicit_checkpointing_flags_win():
     assert choose_checkpointing(model, True, "cuda", 10**9)[0] is None
     assert choose_checkpointing(model, False, "cuda", 10**9)[0] == 0
     assert choose_checkpointing(model, None, "cpu", 10**9)[0] == 0
+
+
+@pytest.mark.parametrize("layers, flags", [(None, [True, True]), (1, [True, False]), (0, [])])
+def test_set_checkpointing_marks_the_first_layers_under_the_current_name(layers, flags):
+    """transformers 5.25 renamed gradient_checkpointing_enable; the old name warns (FutureWarning)
+    and goes in v6, so the new one is called where it exists."""
+    model = build_tiny_llama(300)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        set_checkpointing(model, layers)
+    checked = [layer.gradient_checkpointing for layer in decoder_layers(model)]
+    assert checked == (flags or [False, False])
+    ids = torch.tensor([[5, 6, 7, 8]])
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()  # the checkpointed layers recompute
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
 def test_packing_is_automatic_only_where_it_is_exact():
