@@ -162,6 +162,11 @@ def bare_name_hub_id(name: str) -> str | None:
     return None
 
 
+def hub_id_of(spec: str) -> str | None:
+    """The hub id a --model spec names: itself as org/name, or a bare name's known org."""
+    return spec if spec.count("/") == 1 else bare_name_hub_id(spec)
+
+
 def looks_like_path(spec: str) -> bool:
     return spec.startswith(("/", "./", "../", "~")) or os.sep in spec and Path(spec).exists()
 
@@ -186,7 +191,7 @@ def resolve_model(spec: str) -> Path:
         return download_modelscope(spec[len("ms://") :])
     if looks_like_path(spec):
         raise SelftuneError(f"model '{spec}' not found: tried {tried[0]}")
-    hub_id = spec if spec.count("/") == 1 else bare_name_hub_id(spec)
+    hub_id = hub_id_of(spec)
     if hub_id is None:
         raise SelftuneError(
             f"model '{spec}' not found: tried {tried[0]}; not a hub id (org/name) or known name"

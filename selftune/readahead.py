@@ -79,9 +79,9 @@ def fits(files: list[Path]) -> bool:
     return bool(files) and available is not None and total <= available // 2
 
 
-def read_model(folder: Path | None, hub_id: str | None) -> None:
-    """Read the weights of `folder`, or of `hub_id`'s cached snapshot where it is None."""
-    folder = folder if folder is not None else cached_hub_folder(hub_id or "")
+def read_cached_hub_model(hub_id: str) -> None:
+    """Read the weights of `hub_id`'s snapshot, where the Hugging Face cache holds it."""
+    folder = cached_hub_folder(hub_id)
     files = weight_files(folder) if folder is not None else []
     if fits(files):
         read_into_cache(files)
@@ -95,26 +95,26 @@ def start_readahead(spec: str | None) -> threading.Thread | None:
     if not spec or not hasattr(os, "sendfile"):
         return None
     from selftune.models import (
-        bare_name_hub_id,
         embedded_cache_dir,
+        hub_id_of,
         is_embedded,
         is_model_folder,
         looks_like_path,
     )
 
-    folder: Path | None = embedded_cache_dir() if is_embedded(spec) else Path(spec).expanduser()
-    hub_id = None
-    if not is_model_folder(folder):
-        if is_embedded(spec) or looks_like_path(spec) or spec.lower().endswith(".gguf"):
+    folder = embedded_cache_dir() if is_embedded(spec) else Path(spec).expanduser()
+    if is_model_folder(folder):
+        files = weight_files(folder)
+        if not fits(files):
+            return None
+        target, args = read_into_cache, (files,)
+    else:
+        if is_embedded(spec) or looks_like_path(spec) or folder.suffix.lower() == ".gguf":
             return None  # the load converts the embedded GGUF, or says the path is not there
-        hub_id = spec if spec.count("/") == 1 else bare_name_hub_id(spec)
+        hub_id = hub_id_of(spec)
         if hub_id is None:
             return None  # the load says what it tried
-        folder = None
-    elif not fits(weight_files(folder)):
-        return None
-    thread = threading.Thread(
-        target=read_model, args=(folder, hub_id), name="selftune-readahead", daemon=True
-    )
+        target, args = read_cached_hub_model, (hub_id,)
+    thread = threading.Thread(target=target, args=args, name="selftune-readahead", daemon=True)
     thread.start()
     return thread
