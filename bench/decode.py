@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from selftune import static_decode  # noqa: E402
 from selftune.generate import SamplingParams, decode_steps  # noqa: E402
+from selftune.kernels import decode_attention  # noqa: E402
 
 CONFIG = Path(__file__).parent / "configs" / "qwen2.5-7b-instruct.config.json"
 
@@ -191,6 +192,11 @@ def main() -> None:
     parser.add_argument(
         "--no_liger", action="store_true", help="decode without Liger's kernels where installed"
     )
+    parser.add_argument(
+        "--attention_ab",
+        action="store_true",
+        help="also decode the base with transformers' attention in the graphs (kernels off)",
+    )
     args = parser.parse_args()
 
     if args.no_liger:
@@ -233,6 +239,14 @@ def main() -> None:
         measure("stock static cache", stock(model, prompt, args.tokens, "static"))
     measure("selftune plain loop", plain(model, prompt, args.tokens))
     measure("selftune static + graphs", graphs(model, prompt, args.tokens))
+    if args.attention_ab:  # the same, attention as transformers runs it (RoPE, update, SDPA)
+        static_decode.disable(model)
+        model._selftune_static_decoder = None
+        supported, decode_attention.SUPPORTED = decode_attention.SUPPORTED, ()
+        measure("selftune static + graphs, attention unfused", graphs(model, prompt, args.tokens))
+        static_decode.disable(model)
+        model._selftune_static_decoder = None
+        decode_attention.SUPPORTED = supported
 
     from peft import LoraConfig, get_peft_model
 

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from selftune.kernels import decode_attention
+
 log = logging.getLogger(__name__)
 
 FIRST_BUCKET = 256
@@ -132,6 +134,8 @@ class StaticDecoder:
         self.routing = -1  # kernels.lora.ROUTINGS when the steps were captured
         self.lora_groups: list[Any] = []
         self.signatures: dict[tuple, int] = {}  # what captured steps read -> a short key
+        self.slot = decode_attention.Slot()  # what the fused attention reads during a step
+        self.fused_attention = 0  # attention modules routed through kernels.decode_attention
 
     def prepare(self) -> None:
         """Before an answer: route the LoRA layers through grouped LoRA (an eighth of PEFT's
@@ -152,6 +156,8 @@ class StaticDecoder:
                 self.stacks = stacked.stack_projections(self.model) if self.fast else []
             self.stacks = [stack for stack in self.stacks if not stack.released]
             stacked.route(self.stacks)
+            if self.fast and not self.fused_attention and decode_attention.runs_on(self.device):
+                self.fused_attention = decode_attention.route(self.model, self.slot)
             self.steps.clear()
             self.routing = lora.ROUTINGS[0]
             self.lora_groups = groups
@@ -222,7 +228,11 @@ class StaticDecoder:
     def run_step(self, bucket: Bucket) -> tuple[torch.Tensor, torch.Tensor]:
         """Feed `bucket.token` at `bucket.position`, advance the position; fixed shapes only."""
         visible = bucket.arange <= bucket.position.view(1, 1, 1, 1)
-        logits = self.forward(bucket, bucket.token, bucket.position, self.mask(visible))
+        self.slot.cache, self.slot.position = bucket.cache, bucket.position
+        try:
+            logits = self.forward(bucket, bucket.token, bucket.position, self.mask(visible))
+        finally:
+            self.slot.cache = self.slot.position = None
         bucket.position.add_(1)
         return logits, logits.argmax(-1)
 
@@ -308,6 +318,7 @@ def disable(model: Any) -> None:
         for stack in decoder.stacks or []:
             if not stack.released:
                 stack.release()
+        decode_attention.unroute(model)
     model._selftune_static_decoder = False
 
 

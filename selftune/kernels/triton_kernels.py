@@ -193,3 +193,121 @@ def swiglu_backward(gate, up, low, b_gate, b_up, grad, low_grad, a_down, n_rows,
     silu = g * sig
     tl.store(up + at, (d * silu).to(up.dtype.element_ty), mask=inside)
     tl.store(gate + at, (d * u * (sig + silu * (1 - sig))).to(gate.dtype.element_ty), mask=inside)
+
+
+# -- one-token attention on a static KV cache (kernels.decode_attention) --
+
+
+@triton.jit
+def rotate(x1, x2, c1, c2, s1, s2):
+    """RoPE's rotate-half form on the two halves of a head, in float32."""
+    return x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
+
+
+@triton.jit
+def decode_attention_split(q, k, v, cos, sin, keys, values, position, length, part_m, part_l,
+                           part_acc,
+                           scale, cache_len, chunk: tl.constexpr, group: tl.constexpr,
+                           group_per: tl.constexpr, half: tl.constexpr, block: tl.constexpr,
+                           splits: tl.constexpr):  # fmt: skip
+    """One key/value head's queries over one chunk of the cache. The new token's query and key
+    are rotated here; its key and value are attended from registers and written into the cache
+    at `position` by the chunk that holds it (which also sets the cache's `length` past it);
+    earlier positions are read from the cache. Writes the chunk's running max, sum and weighted
+    values (log2 domain) for decode_attention_combine."""
+    head = tl.program_id(0)
+    split = tl.program_id(1)
+    at = tl.load(position).to(tl.int32)
+    start = split * chunk
+    if start <= at:
+        dim = 2 * half
+        rows = tl.arange(0, group_per)
+        live = rows < group
+        heads = head * group + rows
+        d = tl.arange(0, half)
+        c1 = tl.load(cos + d).to(tl.float32)
+        c2 = tl.load(cos + half + d).to(tl.float32)
+        s1 = tl.load(sin + d).to(tl.float32)
+        s2 = tl.load(sin + half + d).to(tl.float32)
+        q_at = q + heads[:, None] * dim + d[None, :]
+        q1 = tl.load(q_at, mask=live[:, None], other=0.0).to(tl.float32)
+        q2 = tl.load(q_at + half, mask=live[:, None], other=0.0).to(tl.float32)
+        q1, q2 = rotate(q1, q2, c1, c2, s1, s2)
+        kind = keys.dtype.element_ty
+        q1 = q1.to(kind)  # rounded as the model's own RoPE rounds it
+        q2 = q2.to(kind)
+        base = head.to(tl.int64) * cache_len * dim
+        end = tl.minimum(start + chunk, at)  # cached positions of this chunk, before `at`
+        best = tl.full([group_per], float("-inf"), tl.float32)
+        total = tl.zeros([group_per], tl.float32)
+        acc1 = tl.zeros([group_per, half], tl.float32)
+        acc2 = tl.zeros([group_per, half], tl.float32)
+        for offset in range(0, chunk, block):  # a constant count: the interpreter takes no
+            first = start + offset  # loop bounds read from memory
+            if first < end:
+                n = first + tl.arange(0, block)
+                inside = n < end
+                k_at = keys + base + n[:, None] * dim + d[None, :]
+                k1 = tl.load(k_at, mask=inside[:, None], other=0.0)
+                k2 = tl.load(k_at + half, mask=inside[:, None], other=0.0)
+                score = tl.dot(q1, tl.trans(k1)) + tl.dot(q2, tl.trans(k2))
+                score = tl.where(inside[None, :], score * scale, float("-inf"))
+                new_best = tl.maximum(best, tl.max(score, 1))
+                fade = tl.exp2(best - new_best)
+                p = tl.exp2(score - new_best[:, None])
+                total = total * fade + tl.sum(p, 1)
+                v_at = values + base + n[:, None] * dim + d[None, :]
+                v1 = tl.load(v_at, mask=inside[:, None], other=0.0)
+                v2 = tl.load(v_at + half, mask=inside[:, None], other=0.0)
+                acc1 = acc1 * fade[:, None] + tl.dot(p.to(kind), v1)
+                acc2 = acc2 * fade[:, None] + tl.dot(p.to(kind), v2)
+                best = new_best
+        if at < start + chunk:  # the new token: attended from registers, then cached
+            k1 = tl.load(k + head * dim + d).to(tl.float32)
+            k2 = tl.load(k + head * dim + half + d).to(tl.float32)
+            k1, k2 = rotate(k1, k2, c1, c2, s1, s2)
+            k1 = k1.to(kind)
+            k2 = k2.to(kind)
+            v1 = tl.load(v + head * dim + d)
+            v2 = tl.load(v + head * dim + half + d)
+            score = tl.sum(q1.to(tl.float32) * k1.to(tl.float32)[None, :], 1)
+            score = (score + tl.sum(q2.to(tl.float32) * k2.to(tl.float32)[None, :], 1)) * scale
+            new_best = tl.maximum(best, score)
+            fade = tl.exp2(best - new_best)
+            p = tl.exp2(score - new_best)
+            total = total * fade + p
+            p = p.to(kind).to(tl.float32)  # rounded as the cached ones are for their product
+            acc1 = acc1 * fade[:, None] + p[:, None] * v1.to(tl.float32)[None, :]
+            acc2 = acc2 * fade[:, None] + p[:, None] * v2.to(tl.float32)[None, :]
+            best = new_best
+            slot = base + at * dim + d
+            tl.store(keys + slot, k1)
+            tl.store(keys + slot + half, k2)
+            tl.store(values + slot, v1)
+            tl.store(values + slot + half, v2)
+            if head == 0:
+                tl.store(length, (at + 1).to(length.dtype.element_ty))
+        part = heads * splits + split
+        tl.store(part_m + part, best, mask=live)
+        tl.store(part_l + part, total, mask=live)
+        acc_at = part_acc + part[:, None] * dim + d[None, :]
+        tl.store(acc_at, acc1, mask=live[:, None])
+        tl.store(acc_at + half, acc2, mask=live[:, None])
+
+
+@triton.jit
+def decode_attention_combine(part_m, part_l, part_acc, out, position, chunk,
+                             dim: tl.constexpr, splits: tl.constexpr):  # fmt: skip
+    """One query head: the chunks up to `position` merged by their running maxima."""
+    head = tl.program_id(0)
+    used = tl.load(position).to(tl.int32) // chunk + 1
+    s = tl.arange(0, splits)
+    taken = s < used
+    best = tl.load(part_m + head * splits + s, mask=taken, other=float("-inf"))
+    total = tl.load(part_l + head * splits + s, mask=taken, other=0.0)
+    weight = tl.exp2(best - tl.max(best, 0))
+    d = tl.arange(0, dim)
+    acc = tl.load(part_acc + (head * splits + s[:, None]) * dim + d[None, :], mask=taken[:, None],
+                  other=0.0)  # fmt: skip
+    value = tl.sum(acc * weight[:, None], 0) / tl.sum(total * weight, 0)
+    tl.store(out + head * dim + d, value.to(out.dtype.element_ty))

@@ -1,0 +1,209 @@
+"""One-token attention on a static cache (selftune.kernels.decode_attention): the kernels against
+RoPE, the cache write and SDPA as transformers runs them, and the static decoder's steps on the
+fused path against a full forward of the same tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from support import assert_close_to_scale, run_interpreted
+
+from selftune import static_decode
+from selftune.kernels import decode_attention
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernels run on a GPU")
+
+
+def rope(dim: int, at: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (1, 1, dim) of position `at`, as transformers' rotary embedding gives them."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    angles = torch.cat([at * inv_freq, at * inv_freq])
+    return (angles.cos().to(device, dtype)[None, None], angles.sin().to(device, dtype)[None, None])
+
+
+def reference(q, k, v, cos, sin, keys, values, at, scaling):
+    """transformers' RoPE and cache write, then attention over positions 0..at, in float64."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    _, kv_heads, _, dim = keys.shape
+    q = q.view(1, 1, -1, dim).transpose(1, 2)
+    k = k.view(1, 1, kv_heads, dim).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    keys, values = keys.clone(), values.clone()
+    keys[:, :, at] = k[:, :, 0]
+    values[:, :, at] = v.view(kv_heads, dim)
+    group = q.shape[1] // kv_heads
+    seen_k = keys[:, :, : at + 1].double().repeat_interleave(group, dim=1)
+    seen_v = values[:, :, : at + 1].double().repeat_interleave(group, dim=1)
+    weights = torch.softmax(q.double() @ seen_k.transpose(-1, -2) * scaling, dim=-1)
+    return (weights @ seen_v).transpose(1, 2).reshape(1, 1, -1), keys, values
+
+
+class Layer:
+    """A StaticCache layer's tensors, as `attend` reads them."""
+
+    def __init__(self, keys, values):
+        self.keys, self.values = keys, values
+        self.cumulative_length = torch.tensor(0, device=keys.device)
+
+
+def check_kernel(device: str, dtype: torch.dtype) -> None:
+    """Grouped heads of 1, 2 and 7 queries a key/value head; caches of one chunk, several and
+    the largest split; positions at 0, at a chunk's edges and at the cache's end."""
+    cases = (
+        (4, 4, 32, 40, (0, 1, 39)),
+        (4, 2, 64, 256, (0, 31, 32, 33, 200, 255)),
+        (14, 2, 128, 512, (7, 64, 300)),
+        (9, 3, 64, 4096, (63, 64, 4000)),
+        (4, 1, 32, 257, (5, 256)),
+    )
+    for heads, kv_heads, dim, cache_len, positions in cases:
+        torch.manual_seed(cache_len + heads)
+        keys = torch.randn(1, kv_heads, cache_len, dim).to(device, dtype)
+        values = torch.randn(1, kv_heads, cache_len, dim).to(device, dtype)
+        for at in positions:
+            # q, k and v as views of one projection's output, as the stacked projections give
+            qkv = torch.randn(1, 1, (heads + 2 * kv_heads) * dim + 8).to(device, dtype)
+            edges = (0, heads * dim, (heads + kv_heads) * dim, (heads + 2 * kv_heads) * dim)
+            q, k, v = (qkv[..., a:b] for a, b in zip(edges, edges[1:]))
+            cos, sin = rope(dim, at, dtype, device)
+            scaling = dim**-0.5
+            want, want_keys, want_values = reference(q, k, v, cos, sin, keys, values, at, scaling)
+            layer = Layer(keys.clone(), values.clone())
+            position = torch.tensor([[at]], device=device)
+            got = decode_attention.attend(q, k, v, cos, sin, layer, position, scaling, dim)
+            assert got is not None and got.shape == (1, 1, heads * dim) and got.dtype == dtype
+            assert_close_to_scale(got.double(), want, 2e-2, f"{heads} {kv_heads} {dim} {at}")
+            assert_close_to_scale(layer.keys.double(), want_keys.double(), 1e-2)
+            # every other position of the cache is left as it was, the new value as given
+            others = torch.arange(cache_len, device=device) != at
+            assert torch.equal(layer.keys[:, :, others], keys[:, :, others])
+            assert torch.equal(layer.values, want_values)
+            assert int(layer.cumulative_length) == at + 1
+
+
+def tiny_model(kind: str, dtype, device):
+    """Tiny Llama and Qwen2 with head sizes the kernels take (32 and 64) and grouped heads."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(11)
+    shared = {"vocab_size": 300, "num_hidden_layers": 2, "max_position_embeddings": 512}
+    if kind == "llama":
+        config = LlamaConfig(hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                             num_key_value_heads=2, **shared)  # fmt: skip
+        model = LlamaForCausalLM(config)
+    else:
+        config = Qwen2Config(hidden_size=192, intermediate_size=256, num_attention_heads=6,
+                             num_key_value_heads=2, head_dim=64, **shared)  # fmt: skip
+        model = Qwen2ForCausalLM(config)
+    with torch.no_grad():  # larger weights: each token's logits depend on the whole context
+        for name, param in model.named_parameters():
+            if name.endswith("proj.weight"):
+                param.mul_(4)
+    return model.to(device, dtype).eval()
+
+
+def check_decoder(device: str, dtype: torch.dtype, graphs: bool = False) -> None:
+    """The static decoder's steps, with every attention module on the fused path, give a full
+    forward's logits for the same tokens (teacher-forced), across a chunk's edge; the cache's
+    length ends where update() would leave it. With `graphs`, the steps replay CUDA graphs."""
+    calls = []
+    attend = decode_attention.attend
+
+    def counted(*args, **kwargs):
+        out = attend(*args, **kwargs)
+        calls.append(out is not None)
+        return out
+
+    decode_attention.attend = counted
+    try:
+        for kind in ("llama", "qwen2"):
+            model = tiny_model(kind, dtype, device)
+            decoder = static_decode.StaticDecoder(model, use_graphs=graphs, fast=True)
+            decoder.prepare()
+            assert decoder.fused_attention == 2
+            torch.manual_seed(5)
+            tokens = torch.randint(3, 300, (1, 60), device=device)
+            prompt = tokens[0, :20].tolist()
+            bucket = decoder.bucket(64)  # two chunks of 32 positions
+            with torch.inference_mode():
+                full = model(input_ids=tokens).logits[0].double()
+                got = [decoder.prefill(bucket, prompt)]
+                state = decoder.state()
+                for token in tokens[0, 20:-1].tolist():
+                    bucket.token.fill_(token)
+                    if graphs:
+                        logits, _ = decoder.replay(bucket, state)
+                    else:
+                        logits, _ = decoder.run_step(bucket)
+                    got.append(logits.clone())
+            got = torch.cat(got).double()
+            assert_close_to_scale(got, full[19:-1], 1e-2, kind)
+            assert (got.argmax(-1) == full[19:-1].argmax(-1)).float().mean() > 0.9
+            for layer in bucket.cache.layers:
+                assert int(layer.cumulative_length) == tokens.shape[1] - 1
+            assert calls and all(calls)
+            calls.clear()
+    finally:
+        decode_attention.attend = attend
+
+
+def test_kernels_under_the_interpreter():
+    run_interpreted("test_decode_attention", 'check_kernel("cpu", torch.float16)')
+
+
+def test_decoder_steps_under_the_interpreter():
+    run_interpreted("test_decode_attention", 'check_decoder("cpu", torch.float16)')
+
+
+@cuda
+def test_kernels_on_the_gpu():
+    check_kernel("cuda", torch.bfloat16)
+
+
+@cuda
+def test_decoder_steps_on_the_gpu():
+    check_decoder("cuda", torch.bfloat16)
+
+
+@cuda
+def test_decoder_steps_replayed_as_cuda_graphs():
+    check_decoder("cuda", torch.bfloat16, graphs=True)
+
+
+def test_layout_covers_the_cache_in_whole_tiles():
+    for cache_len in (1, 31, 32, 40, 256, 257, 4096, 32768, 100_000):
+        chunks, splits, chunk = decode_attention.layout(cache_len)
+        assert splits & (splits - 1) == 0 and chunks <= splits <= decode_attention.MAX_SPLITS
+        assert chunk % decode_attention.BLOCK == 0
+        assert chunks * chunk >= cache_len > (chunks - 1) * chunk
+
+
+def test_other_attention_keeps_its_own_forward():
+    """Sliding windows, q/k norms and head sizes the kernels do not take are not routed; and
+    outside the static decoder's steps a routed module runs its own forward."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from tests.support import build_tiny_llama
+
+    qwen3 = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=100,
+            hidden_size=64,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=32,
+        )  # fmt: skip
+    )
+    assert decode_attention.route(qwen3, decode_attention.Slot()) == 0
+    assert decode_attention.route(build_tiny_llama(100), decode_attention.Slot()) == 0  # dim 8
+    model = tiny_model("llama", torch.float32, "cpu")
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        assert decode_attention.route(model, decode_attention.Slot()) == 2
+        torch.testing.assert_close(model(input_ids=ids).logits, want)
+    decode_attention.unroute(model)
+    assert all("forward" not in m.__dict__ for m in model.modules())
