@@ -38,6 +38,7 @@ class Slot:
 
     cache: Any = None
     position: torch.Tensor | None = None  # (1, 1) long, on the model's device
+    residual: torch.Tensor | None = None  # a layer's residual, for kernels.decode_layer
 
 
 def runs_on(device: torch.device) -> bool:

@@ -9,7 +9,7 @@ import torch
 from support import assert_close_to_scale, run_interpreted
 
 from selftune import static_decode
-from selftune.kernels import decode_attention
+from selftune.kernels import decode_attention, decode_layer
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernels run on a GPU")
 
@@ -103,10 +103,33 @@ def tiny_model(kind: str, dtype, device):
     return model.to(device, dtype).eval()
 
 
+def lora(model, merged: bool):
+    """`model` under a LoRA adapter on every linear layer, its B random (so that it counts)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
+    tuned = get_peft_model(model, config).eval()
+    with torch.no_grad():
+        for name, param in tuned.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    if merged:
+        tuned.merge_adapter()
+    return tuned
+
+
+def routed(module) -> bool:
+    forward = module.__dict__.get("forward")
+    return any(
+        hasattr(forward, f"_selftune_{name}") for name in ("decode_attention", "decode_layer")
+    )
+
+
 def check_decoder(device: str, dtype: torch.dtype, graphs: bool = False) -> None:
-    """The static decoder's steps, with every attention module on the fused path, give a full
-    forward's logits for the same tokens (teacher-forced), across a chunk's edge; the cache's
-    length ends where update() would leave it. With `graphs`, the steps replay CUDA graphs."""
+    """The static decoder's steps, with every attention module and layer on the fused path,
+    give a full forward's logits for the same tokens (teacher-forced), across a chunk's edge;
+    the cache's length ends where update() would leave it. Base models, and Llama under an
+    unmerged and a merged LoRA adapter. With `graphs`, the steps replay CUDA graphs."""
     calls = []
     attend = decode_attention.attend
 
@@ -117,11 +140,14 @@ def check_decoder(device: str, dtype: torch.dtype, graphs: bool = False) -> None
 
     decode_attention.attend = counted
     try:
-        for kind in ("llama", "qwen2"):
+        for kind, adapter in (("llama", None), ("qwen2", None), ("llama", 0), ("llama", 1)):
             model = tiny_model(kind, dtype, device)
+            if adapter is not None:
+                model = lora(model, merged=bool(adapter))
             decoder = static_decode.StaticDecoder(model, use_graphs=graphs, fast=True)
+            model._selftune_static_decoder = decoder
             decoder.prepare()
-            assert decoder.fused_attention == 2
+            assert decoder.fused_attention == decoder.fused_layers == 2
             torch.manual_seed(5)
             tokens = torch.randint(3, 300, (1, 60), device=device)
             prompt = tokens[0, :20].tolist()
@@ -138,12 +164,15 @@ def check_decoder(device: str, dtype: torch.dtype, graphs: bool = False) -> None
                         logits, _ = decoder.run_step(bucket)
                     got.append(logits.clone())
             got = torch.cat(got).double()
-            assert_close_to_scale(got, full[19:-1], 1e-2, kind)
-            assert (got.argmax(-1) == full[19:-1].argmax(-1)).float().mean() > 0.9
+            case = f"{kind} adapter {adapter}"
+            assert_close_to_scale(got, full[19:-1], 1e-2, case)
+            assert (got.argmax(-1) == full[19:-1].argmax(-1)).float().mean() > 0.9, case
             for layer in bucket.cache.layers:
                 assert int(layer.cumulative_length) == tokens.shape[1] - 1
             assert calls and all(calls)
             calls.clear()
+            static_decode.disable(model)
+            assert not any(routed(m) for m in model.modules()), case
     finally:
         decode_attention.attend = attend
 
@@ -197,13 +226,18 @@ def test_other_attention_keeps_its_own_forward():
             head_dim=32,
         )  # fmt: skip
     )
-    assert decode_attention.route(qwen3, decode_attention.Slot()) == 0
-    assert decode_attention.route(build_tiny_llama(100), decode_attention.Slot()) == 0  # dim 8
+    for other in (qwen3, build_tiny_llama(100)):  # q/k norms; a head size of 8
+        assert decode_attention.route(other, decode_attention.Slot()) == 0
+        assert decode_layer.route(other, decode_attention.Slot()) == 0
     model = tiny_model("llama", torch.float32, "cpu")
     ids = torch.tensor([[5, 6, 7]])
+    slot = decode_attention.Slot()
     with torch.no_grad():
         want = model(input_ids=ids).logits
-        assert decode_attention.route(model, decode_attention.Slot()) == 2
+        assert decode_attention.route(model, slot) == 2 and decode_layer.route(model, slot) == 2
         torch.testing.assert_close(model(input_ids=ids).logits, want)
+        model(input_ids=ids[:, :1])  # one token, no decoder step: the layers' own forwards
+        assert slot.residual is None
     decode_attention.unroute(model)
+    decode_layer.unroute(model)
     assert all("forward" not in m.__dict__ for m in model.modules())
