@@ -110,6 +110,8 @@ def attend(
         and cos.numel() == sin.numel() == dim
         and keys.dtype in (torch.float16, torch.bfloat16)
         and length.numel() == 1
+        # Triton launches on the current device: a layer placed on another GPU keeps SDPA
+        and (q.device.type != "cuda" or q.device.index == torch.cuda.current_device())
     )
     if not fits:
         return None
