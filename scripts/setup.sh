@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up .venv for selftune. Safe to run twice: each step is skipped when already done.
 #   scripts/setup.sh          the package and what it needs to run
-#   scripts/setup.sh dev      plus what the tests need (pytest, openai client, Chromium)
+#   scripts/setup.sh dev      plus what the tests need (pytest, openai client, Triton, Chromium)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-run}
@@ -35,6 +35,13 @@ fi
 if [ "$mode" = dev ] && ! "$py" -c "import llama_cpp" >/dev/null 2>&1; then
   echo "[setup] building llama-cpp-python (a few minutes, once)"
   CMAKE_ARGS="-DGGML_NATIVE=OFF" "$py" -m pip install -q llama-cpp-python
+fi
+
+# Triton's interpreter runs the GPU kernels' tests on the CPU. Only when missing: a CUDA torch
+# brings the Triton it was built with.
+if [ "$mode" = dev ] && ! "$py" -c "import triton" >/dev/null 2>&1; then
+  echo "[setup] installing triton (its interpreter tests the GPU kernels on the CPU)"
+  "$py" -m pip install -q "${TRITON_SPEC:-triton==3.6.0}"
 fi
 
 if [ "$mode" = dev ] && ! command -v chromium >/dev/null 2>&1; then

@@ -147,7 +147,7 @@ def run_interpreted(module: str, call: str) -> None:
     """`module.call` (a test module of tests/kernels) with the Triton kernels under Triton's
     interpreter, on the CPU, in a process of its own: Triton decides at import whether its own
     kernels (tl.max, tl.argmax...) run interpreted, and other tests may have imported it. Skips
-    where Triton is not installed (CI's CPU machine); GPU tests cover the compiled kernels.
+    where Triton is not installed (`make test` installs it); GPU tests cover the compiled kernels.
     float16 only: the interpreter's bfloat16 is not exact."""
     import importlib.util
     from pathlib import Path

@@ -149,7 +149,7 @@ def check_decoder(device: str, dtype: torch.dtype, graphs: bool = False) -> None
             decoder.prepare()
             assert decoder.fused_attention == decoder.fused_layers == 2
             torch.manual_seed(5)
-            tokens = torch.randint(3, 300, (1, 60), device=device)
+            tokens = torch.randint(3, 300, (1, 44), device=device)
             prompt = tokens[0, :20].tolist()
             bucket = decoder.bucket(64)  # two chunks of 32 positions
             with torch.inference_mode():
