@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from selftune import static_decode  # noqa: E402
 from selftune.generate import SamplingParams, decode_steps  # noqa: E402
-from selftune.kernels import decode_attention, decode_layer  # noqa: E402
+from selftune.kernels import decode_attention  # noqa: E402
 
 CONFIG = Path(__file__).parent / "configs" / "qwen2.5-7b-instruct.config.json"
 
@@ -195,8 +195,7 @@ def main() -> None:
     parser.add_argument(
         "--attention_ab",
         action="store_true",
-        help="also decode the base without kernels.decode_layer, then without it and "
-        "kernels.decode_attention",
+        help="also decode the base with transformers' attention (kernels.decode_attention off)",
     )
     args = parser.parse_args()
 
@@ -240,19 +239,12 @@ def main() -> None:
         measure("stock static cache", stock(model, prompt, args.tokens, "static"))
     measure("selftune plain loop", plain(model, prompt, args.tokens))
     measure("selftune static + graphs", graphs(model, prompt, args.tokens))
-    if args.attention_ab:  # the same with transformers' attention (RoPE, update, SDPA) and adds
-        for name, off in (
-            ("residual adds", [decode_layer]),
-            ("both", [decode_layer, decode_attention]),
-        ):
-            static_decode.disable(model)
-            model._selftune_static_decoder = None
-            kept = [module.SUPPORTED for module in off]
-            for module in off:
-                module.SUPPORTED = ()
-            measure(f"selftune static + graphs, {name} unfused", graphs(model, prompt, args.tokens))
-            for module, supported in zip(off, kept):
-                module.SUPPORTED = supported
+    if args.attention_ab:  # the same with transformers' attention (RoPE, cache update, SDPA)
+        static_decode.disable(model)
+        model._selftune_static_decoder = None
+        supported, decode_attention.SUPPORTED = decode_attention.SUPPORTED, ()
+        measure("selftune static + graphs, attention unfused", graphs(model, prompt, args.tokens))
+        decode_attention.SUPPORTED = supported
         static_decode.disable(model)
         model._selftune_static_decoder = None
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from selftune.kernels import decode_attention, decode_layer
+from selftune.kernels import decode_attention
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,6 @@ class StaticDecoder:
         self.signatures: dict[tuple, int] = {}  # what captured steps read -> a short key
         self.slot = decode_attention.Slot()  # what the fused attention reads during a step
         self.fused_attention = 0  # attention modules routed through kernels.decode_attention
-        self.fused_layers = 0  # layers whose residual adds kernels.decode_layer folds in
 
     def prepare(self) -> None:
         """Before an answer: route the LoRA layers through grouped LoRA (an eighth of PEFT's
@@ -159,7 +158,6 @@ class StaticDecoder:
             stacked.route(self.stacks)
             if self.fast and not self.fused_attention and decode_attention.runs_on(self.device):
                 self.fused_attention = decode_attention.route(self.model, self.slot)
-                self.fused_layers = decode_layer.route(self.model, self.slot)
             self.steps.clear()
             self.routing = lora.ROUTINGS[0]
             self.lora_groups = groups
@@ -317,7 +315,6 @@ def disable(model: Any) -> None:
     """Keep this model on the plain loop from now on (with its modules' own forwards)."""
     decoder = getattr(model, "_selftune_static_decoder", None)
     if isinstance(decoder, StaticDecoder):
-        decode_layer.unroute(model)  # installed over the stacks' forwards: taken off first
         decode_attention.unroute(model)
         for stack in decoder.stacks or []:
             if not stack.released:

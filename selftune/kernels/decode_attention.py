@@ -38,7 +38,6 @@ class Slot:
 
     cache: Any = None
     position: torch.Tensor | None = None  # (1, 1) long, on the model's device
-    residual: torch.Tensor | None = None  # a layer's residual, for kernels.decode_layer
 
 
 def runs_on(device: torch.device) -> bool:

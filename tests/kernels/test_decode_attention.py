@@ -9,7 +9,7 @@ import torch
 from support import assert_close_to_scale, run_interpreted
 
 from selftune import static_decode
-from selftune.kernels import decode_attention, decode_layer
+from selftune.kernels import decode_attention
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernels run on a GPU")
 
@@ -120,13 +120,11 @@ def lora(model, merged: bool):
 
 def routed(module) -> bool:
     forward = module.__dict__.get("forward")
-    return any(
-        hasattr(forward, f"_selftune_{name}") for name in ("decode_attention", "decode_layer")
-    )
+    return hasattr(forward, "_selftune_decode_attention")
 
 
 def check_decoder(device: str, dtype: torch.dtype, graphs: bool = False) -> None:
-    """The static decoder's steps, with every attention module and layer on the fused path,
+    """The static decoder's steps, with every attention module on the fused path,
     give a full forward's logits for the same tokens (teacher-forced), across a chunk's edge;
     the cache's length ends where update() would leave it. Base models, and Llama under an
     unmerged and a merged LoRA adapter. With `graphs`, the steps replay CUDA graphs."""
@@ -147,7 +145,7 @@ def check_decoder(device: str, dtype: torch.dtype, graphs: bool = False) -> None
             decoder = static_decode.StaticDecoder(model, use_graphs=graphs, fast=True)
             model._selftune_static_decoder = decoder
             decoder.prepare()
-            assert decoder.fused_attention == decoder.fused_layers == 2
+            assert decoder.fused_attention == 2
             torch.manual_seed(5)
             tokens = torch.randint(3, 300, (1, 44), device=device)
             prompt = tokens[0, :20].tolist()
@@ -165,7 +163,8 @@ def check_decoder(device: str, dtype: torch.dtype, graphs: bool = False) -> None
                     got.append(logits.clone())
             got = torch.cat(got).double()
             case = f"{kind} adapter {adapter}"
-            assert_close_to_scale(got, full[19:-1], 1e-2, case)
+            error = ((got - full[19:-1]).abs().max() / full.abs().max()).item()
+            assert_close_to_scale(got, full[19:-1], 1e-2, f"{case}: {error:.4f} of the largest")
             assert (got.argmax(-1) == full[19:-1].argmax(-1)).float().mean() > 0.9, case
             for layer in bucket.cache.layers:
                 assert int(layer.cumulative_length) == tokens.shape[1] - 1
@@ -190,14 +189,16 @@ def test_kernels_on_the_gpu():
     check_kernel("cuda", torch.bfloat16)
 
 
+# float16, as under the interpreter: in bfloat16 the full forward's own rounding is the larger
+# part of the difference (the kernels' bfloat16 results are pinned by test_kernels_on_the_gpu)
 @cuda
 def test_decoder_steps_on_the_gpu():
-    check_decoder("cuda", torch.bfloat16)
+    check_decoder("cuda", torch.float16)
 
 
 @cuda
 def test_decoder_steps_replayed_as_cuda_graphs():
-    check_decoder("cuda", torch.bfloat16, graphs=True)
+    check_decoder("cuda", torch.float16, graphs=True)
 
 
 def test_layout_covers_the_cache_in_whole_tiles():
@@ -228,16 +229,14 @@ def test_other_attention_keeps_its_own_forward():
     )
     for other in (qwen3, build_tiny_llama(100)):  # q/k norms; a head size of 8
         assert decode_attention.route(other, decode_attention.Slot()) == 0
-        assert decode_layer.route(other, decode_attention.Slot()) == 0
     model = tiny_model("llama", torch.float32, "cpu")
     ids = torch.tensor([[5, 6, 7]])
     slot = decode_attention.Slot()
     with torch.no_grad():
         want = model(input_ids=ids).logits
-        assert decode_attention.route(model, slot) == 2 and decode_layer.route(model, slot) == 2
+        assert decode_attention.route(model, slot) == 2
         torch.testing.assert_close(model(input_ids=ids).logits, want)
-        model(input_ids=ids[:, :1])  # one token, no decoder step: the layers' own forwards
-        assert slot.residual is None
+        # one token outside a decoder step: the module's own forward, as it gave alone
+        torch.testing.assert_close(model(input_ids=ids[:, :1]).logits, want[:, :1])
     decode_attention.unroute(model)
-    decode_layer.unroute(model)
     assert all("forward" not in m.__dict__ for m in model.modules())
