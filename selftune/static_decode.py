@@ -5,8 +5,9 @@ Python, not reading the weights, bounds the plain loop (about 20 tok/s on an H10
 bandwidth limit near 200). With the cache preallocated and every shape fixed, a step is captured
 once as a CUDA graph and replayed per token. The cache lives in buckets of doubling length, so a
 short answer attends over a short cache; when an answer outgrows its bucket, the cache moves to
-the next one. On CPU the same steps run eagerly: the tests pin that they decode what the plain
-loop decodes.
+the next one. On the GPU each layer's attention of the step runs as two Triton launches
+(kernels.decode_attention), and the projections that share an input as one (kernels.stacked).
+On CPU the same steps run eagerly: the tests pin that they decode what the plain loop decodes.
 
 Used by `generate()` for one row on CUDA, with no per-row adapter names (the server activates a
 single request's adapter instead); anything unusual (sliding-window layers, quantised weights,
