@@ -17,6 +17,7 @@ head sizes of 32-256 that are powers of two, 16-bit weights, Triton installed.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,7 @@ import torch
 
 from selftune.kernels import load_triton
 
+log = logging.getLogger(__name__)
 SUPPORTED = ("LlamaAttention", "Qwen2Attention", "MistralAttention")
 BLOCK = 32  # cached positions per tile
 MAX_SPLITS = 64  # chunks of the cache a key/value head's queries are split over
@@ -38,6 +40,7 @@ class Slot:
 
     cache: Any = None
     position: torch.Tensor | None = None  # (1, 1) long, on the model's device
+    failed: bool = False  # the kernels raised once: every layer keeps its own forward since
 
 
 def runs_on(device: torch.device) -> bool:
@@ -93,6 +96,8 @@ def attend(
     keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
     length = getattr(layer, "cumulative_length", None)
     if keys is None or values is None or not isinstance(length, torch.Tensor):
+        return None
+    if getattr(layer, "is_sliding", False):  # a window's cache rolls: not the layout read here
         return None
     batch, kv_heads, cache_len, dim = keys.shape
     heads = q.shape[-1] // head_dim
@@ -169,6 +174,7 @@ def _bound(module: Any, slot: Slot, previous: Any):
         embeddings = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
         if (
             slot.cache is None
+            or slot.failed
             or embeddings is None
             or hidden.shape[:-1] != (1, 1)
             or torch.is_grad_enabled()
@@ -180,10 +186,17 @@ def _bound(module: Any, slot: Slot, previous: Any):
             return own(*args, **kwargs)
         q, k, v = module.q_proj(hidden), module.k_proj(hidden), module.v_proj(hidden)
         cos, sin = embeddings
-        out = attend(
-            q, k, v, cos, sin, layers[module.layer_idx], slot.position, module.scaling,
-            module.head_dim,
-        )  # fmt: skip
+        try:
+            out = attend(
+                q, k, v, cos, sin, layers[module.layer_idx], slot.position, module.scaling,
+                module.head_dim,
+            )  # fmt: skip
+        except Exception as exc:  # noqa: BLE001  # e.g. a kernel that fails to compile
+            if hidden.is_cuda and torch.cuda.is_current_stream_capturing():
+                raise  # the decoder drops this capture and steps eagerly
+            log.warning("decode: attention kernels failed (%s); transformers' attention", exc)
+            slot.failed = True
+            out = None
         if out is None:
             return own(*args, **kwargs)
         return module.o_proj(out), None

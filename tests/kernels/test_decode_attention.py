@@ -4,6 +4,8 @@ fused path against a full forward of the same tokens."""
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 from support import assert_close_to_scale, run_interpreted
@@ -240,3 +242,40 @@ def test_other_attention_keeps_its_own_forward():
         torch.testing.assert_close(model(input_ids=ids[:, :1]).logits, want[:, :1])
     decode_attention.unroute(model)
     assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_a_sliding_window_cache_keeps_transformers_attention():
+    """A window's cache layer rolls its positions: attend declines it before any launch."""
+    keys = torch.zeros(1, 2, 64, 32, dtype=torch.float16)
+    layer = Layer(keys, keys.clone())
+    layer.is_sliding = True
+    q = torch.zeros(1, 1, 4 * 32, dtype=torch.float16)
+    k = torch.zeros(1, 1, 2 * 32, dtype=torch.float16)
+    cos, sin = rope(32, 3, torch.float16, "cpu")
+    position = torch.tensor([[3]])
+    assert decode_attention.attend(q, k, k.clone(), cos, sin, layer, position, 0.2, 32) is None
+
+
+def test_a_failing_kernel_falls_back_for_good(monkeypatch, caplog):
+    """A kernel that raises (say, fails to compile) outside a capture: that step and every later
+    one run transformers' attention, with a warning, and answer as the unrouted model does."""
+    model = tiny_model("llama", torch.float32, "cpu")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        want = model(input_ids=ids[:, :1]).logits
+    tries = []
+
+    def broken(*args, **kwargs):
+        tries.append(1)
+        raise RuntimeError("no kernel for this GPU")
+
+    monkeypatch.setattr(decode_attention, "runs_on", lambda device: True)
+    monkeypatch.setattr(decode_attention, "attend", broken)
+    slot = decode_attention.Slot(cache=types.SimpleNamespace(layers=[None, None]))
+    slot.position = torch.tensor([[0]])
+    assert decode_attention.route(model, slot) == 2
+    with torch.no_grad(), caplog.at_level("WARNING"):
+        torch.testing.assert_close(model(input_ids=ids[:, :1]).logits, want)
+        model(input_ids=ids[:, :1])
+    assert slot.failed and len(tries) == 1
+    assert "attention kernels failed" in caplog.text
