@@ -70,6 +70,20 @@ def build_tiny_gemma2(vocab_size: int, seed: int = 0):
     return Gemma2ForCausalLM(config).eval()
 
 
+def with_lora(model, seed: int = 0):
+    """`model` under a rank-4 LoRA adapter on every linear layer, in eval mode, its B drawn at
+    random (B starts at zero: this makes the adapter count)."""
+    from peft import LoraConfig, get_peft_model
+
+    tuned = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear")).eval()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in tuned.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    return tuned
+
+
 def make_adapter_checkpoint(
     base_dir, checkpoint, system=TINY_SYSTEM, use_dora=False, seed=0, eval_json=None
 ):

@@ -73,7 +73,7 @@ def supported(module: Any) -> bool:
 def layout(cache_len: int) -> tuple[int, int, int]:
     """(chunks, splits, chunk): the cache in `chunks` chunks of a whole number of tiles each,
     at most `splits`, a power of two (the width the merge reads)."""
-    splits = min(MAX_SPLITS, 1 << max(0, (-(-cache_len // BLOCK) - 1).bit_length()))
+    splits = min(MAX_SPLITS, 1 << (-(-cache_len // BLOCK) - 1).bit_length())
     chunk = -(-cache_len // splits)
     chunk = -(-chunk // BLOCK) * BLOCK
     return -(-cache_len // chunk), splits, chunk

@@ -8,7 +8,7 @@ import types
 
 import pytest
 import torch
-from support import assert_close_to_scale, run_interpreted
+from support import assert_close_to_scale, run_interpreted, with_lora
 
 from selftune import static_decode
 from selftune.kernels import decode_attention
@@ -105,21 +105,6 @@ def tiny_model(kind: str, dtype, device):
     return model.to(device, dtype).eval()
 
 
-def lora(model, merged: bool):
-    """`model` under a LoRA adapter on every linear layer, its B random (so that it counts)."""
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
-    tuned = get_peft_model(model, config).eval()
-    with torch.no_grad():
-        for name, param in tuned.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
-    if merged:
-        tuned.merge_adapter()
-    return tuned
-
-
 def routed(module) -> bool:
     forward = module.__dict__.get("forward")
     return hasattr(forward, "_selftune_decode_attention")
@@ -143,7 +128,9 @@ def check_decoder(device: str, dtype: torch.dtype, graphs: bool = False) -> None
         for kind, adapter in (("llama", None), ("qwen2", None), ("llama", 0), ("llama", 1)):
             model = tiny_model(kind, dtype, device)
             if adapter is not None:
-                model = lora(model, merged=bool(adapter))
+                model = with_lora(model)
+                if adapter:
+                    model.merge_adapter()
             decoder = static_decode.StaticDecoder(model, use_graphs=graphs, fast=True)
             model._selftune_static_decoder = decoder
             decoder.prepare()

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from support import build_tiny_llama, build_tiny_qwen2
+from support import build_tiny_llama, build_tiny_qwen2, with_lora
 
 from selftune import static_decode
 from selftune.generate import SamplingParams, decode_steps
@@ -27,18 +27,6 @@ def sharpened(builder):
             if name.endswith("proj.weight"):
                 param.mul_(8)
     return model
-
-
-def with_lora(model, seed: int = 0):
-    from peft import LoraConfig, get_peft_model
-
-    tuned = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear")).eval()
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, param in tuned.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
-    return tuned
 
 
 def plain(model) -> list[int]:
