@@ -20,9 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.train_throughput import rows  # noqa: E402
-from selftune.batches import packed  # noqa: E402
-from selftune.fast_path import enable_fast_path  # noqa: E402
-from selftune.train import accumulate_gradients, to_device  # noqa: E402
+from selftune.accel.fast_path import enable_fast_path  # noqa: E402
+from selftune.data.batches import packed  # noqa: E402
+from selftune.train.loop import accumulate_gradients, to_device  # noqa: E402
 
 
 def build(config_path: str, layers: int, device: str, seed: int):
@@ -100,7 +100,7 @@ def main() -> None:
         varlen=not args.no_varlen,
     )
     if args.gqa_repeat:
-        import selftune.kernels.attention as attention
+        import selftune.accel.kernels.attention as attention
 
         attention.GQA_NATIVE = False
         enabled.append("gqa by repeat")

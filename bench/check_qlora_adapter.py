@@ -50,8 +50,9 @@ def build_model(tokenizer_dir: Path, out: Path) -> Path:
 
 def answers(checkpoint: Path, quant_bits: int | None, questions: list[str]) -> list[str]:
     from selftune.args import InferArgs
-    from selftune.generate import SamplingParams, generate
-    from selftune.models import load_for_inference
+    from selftune.infer.generate import generate
+    from selftune.infer.sampling import SamplingParams
+    from selftune.models.load import load_for_inference
 
     loaded = load_for_inference(
         InferArgs(adapters=[str(checkpoint)], quant_bits=quant_bits, torch_dtype="bfloat16")

@@ -34,7 +34,7 @@ TUTORIAL_FLAGS = [
     "--model_author", "swift", "--model_name", "swift-robot",
 ]  # fmt: skip
 NO_READAHEAD = (
-    "import selftune.readahead as r; r.start_readahead = lambda spec: None; "
+    "import selftune.models.readahead as r; r.start_readahead = lambda spec: None; "
     "from selftune.cli import console; console()"
 )
 
@@ -101,7 +101,7 @@ def main() -> None:
     parser.add_argument(
         "--no_readahead",
         action="store_true",
-        help="the weights are not read ahead (selftune.readahead) while the run imports",
+        help="the weights are not read ahead (selftune.models.readahead) while the run imports",
     )
     parser.add_argument(
         "--pycache",
@@ -127,7 +127,9 @@ def main() -> None:
     def sft(output_dir: Path, profile: str | None = None) -> list[str]:
         profiler = ["-m", "cProfile", "-o", profile] if profile else []
         entry = ["-m", "selftune"]
-        if args.no_readahead:  # the run as before selftune.readahead, for an A/B on one machine
+        if (
+            args.no_readahead
+        ):  # the run as before selftune.models.readahead, for an A/B on one machine
             entry = ["-c", NO_READAHEAD]
         command = [sys.executable, *profiler, *entry, "sft", "--model", str(model_dir)]
         return command + [

@@ -30,9 +30,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from selftune import static_decode  # noqa: E402
-from selftune.generate import SamplingParams, decode_steps  # noqa: E402
-from selftune.kernels import decode_attention  # noqa: E402
+from selftune.accel.kernels import decode_attention  # noqa: E402
+from selftune.infer import static_decode  # noqa: E402
+from selftune.infer.generate import decode_steps  # noqa: E402
+from selftune.infer.sampling import SamplingParams  # noqa: E402
 
 CONFIG = Path(__file__).parent / "configs" / "qwen2.5-7b-instruct.config.json"
 
@@ -114,7 +115,7 @@ def forced_logits(model, prompt: list[int], answer: list[int], static: bool) -> 
     as stock decodes)."""
     from transformers import DynamicCache
 
-    from selftune.generate import cache_keyword
+    from selftune.infer.static_decode import cache_keyword
 
     if static:
         decoder = static_decode.decoder_for(model)
@@ -200,11 +201,11 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.no_liger:
-        import selftune.fast_path
+        import selftune.accel.fast_path
 
-        selftune.fast_path.apply_liger = lambda model: False
+        selftune.accel.liger.apply_liger = lambda model: False
     if args.device.startswith("cuda:"):
-        torch.cuda.set_device(torch.device(args.device))  # as selftune.models.load_model does
+        torch.cuda.set_device(torch.device(args.device))  # as selftune.models.load.load_model does
     model = build(args.model, args.device)
     prompt = torch.randint(
         10,

@@ -6,7 +6,7 @@ Attention for three 2048-token rows of the 7B model (28 query and 4 key/value he
 forward and forward + backward: the varlen flash kernel (key/value heads repeated, as torch 2.11's
 `varlen_attn` has no grouped heads) against SDPA's flash and cuDNN kernels, grouped or repeated.
 LoRA input dropout for 6,144 tokens: PyTorch's dropout (and, for backward, the rank-r GEMM plus
-dropout's backward) against the Triton kernels of selftune.kernels.dropout at several Philox
+dropout's backward) against the Triton kernels of selftune.accel.kernels.dropout at several Philox
 rounds and forward tiles. One LoRA projection's forward with B's product written first (as
 grouped LoRA runs it) against B folded into the base GEMM along K; gate and up's forward and
 SwiGLU with B's products written, against kernels.swiglu adding them inside the activation.
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from selftune.kernels import dropout as fused_dropout  # noqa: E402
+from selftune.accel.kernels import dropout as fused_dropout  # noqa: E402
 
 
 def timed(fn, calls: int = 20) -> float:
@@ -195,7 +195,7 @@ def swiglu_lora(tokens: int = 6144, hidden: int = 3584, width: int = 18944, rank
     into it; Liger's SwiGLU) against kernels.swiglu: the base GEMMs writing, the rank-r
     products added inside the activation, and without dropout down_proj's adapter gradient
     handed to its backward. At several tiles, in us."""
-    from selftune.kernels import swiglu
+    from selftune.accel.kernels import swiglu
 
     def randn(*shape, scale=1.0):
         return torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * scale

@@ -28,10 +28,12 @@ sys.path.insert(0, str(ROOT))
 def worker(args: argparse.Namespace) -> None:
     """One rank: build, shard, time `args.steps` optimizer steps, report from rank 0."""
     from bench.train_throughput import build, rows
-    from selftune import distributed
-    from selftune.batches import packed
-    from selftune.fast_path import enable_fast_path, set_checkpointing
-    from selftune.train import LossHead, accumulate_gradients, label_tokens, to_device
+    from selftune.accel.fast_path import enable_fast_path
+    from selftune.accel.memory import set_checkpointing
+    from selftune.data.batches import packed
+    from selftune.train import distributed
+    from selftune.train.loop import accumulate_gradients, to_device
+    from selftune.train.loss import LossHead, label_tokens
 
     where = distributed.setup()
     device = f"cuda:{where.local_rank}" if torch.cuda.is_available() else "cpu"

@@ -26,8 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from selftune.generate import SamplingParams  # noqa: E402
-from selftune.models import embedded_folder, load_model, load_tokenizer  # noqa: E402
+from selftune.infer.sampling import SamplingParams  # noqa: E402
+from selftune.models.load import load_model, load_tokenizer  # noqa: E402
+from selftune.models.resolve import embedded_folder  # noqa: E402
 from selftune.serve.app import ServerConfig, create_app  # noqa: E402
 from selftune.serve.engine import Engine, ServedModel  # noqa: E402
 

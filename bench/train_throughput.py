@@ -31,17 +31,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from selftune import step_graphs as step_graphs_module  # noqa: E402
-from selftune.batches import StepRows, assemble, packed, step_pack_tokens  # noqa: E402
-from selftune.data.encode import Example  # noqa: E402
-from selftune.fast_path import (  # noqa: E402
+from selftune.accel import step_graphs as step_graphs_module  # noqa: E402
+from selftune.accel.fast_path import enable_fast_path  # noqa: E402
+from selftune.accel.memory import (  # noqa: E402
     choose_checkpointing,
     enable_checkpointing,
-    enable_fast_path,
     set_checkpointing,
 )
-from selftune.step_graphs import planned_tokens  # noqa: E402
-from selftune.train import make_optimizer, to_device  # noqa: E402
+from selftune.accel.step_graphs import planned_tokens  # noqa: E402
+from selftune.data.batches import StepRows, assemble, packed, step_pack_tokens  # noqa: E402
+from selftune.data.encode import Example  # noqa: E402
+from selftune.train.loop import make_optimizer, to_device  # noqa: E402
 
 USE_LIGER = True
 USE_VARLEN = True
@@ -188,7 +188,7 @@ def stock_step(model, micro_batches, optimizer) -> int:
 def selftune_step(model, micro_batches, optimizer, graphs=None) -> int:
     """The passes and update queued, then the step's loss read, in `selftune sft`'s order (its
     gradient clipping and learning-rate schedule left out, as in the stock step)."""
-    from selftune.train import backward_step
+    from selftune.train.loop import backward_step
 
     loss, _, correct = backward_step(model, micro_batches, graphs=graphs)
     optimizer.step()
@@ -200,8 +200,8 @@ def selftune_step(model, micro_batches, optimizer, graphs=None) -> int:
 
 def step_graphs(model, device: str):
     """CUDA graphs for the passes, as `selftune sft` takes them (train.step_graphs_fit)."""
-    from selftune.step_graphs import StepGraphs
-    from selftune.train import batch_loss
+    from selftune.accel.step_graphs import StepGraphs
+    from selftune.train.loss import batch_loss
 
     if not USE_GRAPHS or device != "cuda":
         return None
@@ -464,7 +464,7 @@ def main() -> None:
         "--graph_tokens",
         type=int,
         default=step_graphs_module.MAX_TOKENS,
-        help="longest pass replayed as a CUDA graph (selftune.step_graphs.MAX_TOKENS)",
+        help="longest pass replayed as a CUDA graph (selftune.accel.step_graphs.MAX_TOKENS)",
     )
     parser.add_argument("--profile", action="store_true", help="kernel table of a selftune step")
     parser.add_argument(
@@ -482,9 +482,9 @@ def main() -> None:
     USE_GROUPED_LORA, PROFILE = not args.no_grouped_lora, args.profile
     PROFILE_STACKS = args.profile_stacks
     if args.no_fused_swiglu:  # fuse_lora then routes no MLP through LoraSwiglu
-        import selftune.kernels.lora_mlp as lora_mlp
+        import selftune.accel.lora_routing as lora_routing
 
-        lora_mlp.swiglu_mlp = lambda module: False
+        lora_routing.swiglu_mlp = lambda module: False
     device = "cuda" if torch.cuda.is_available() else "cpu"
     vocab = json.loads(Path(args.config).read_text())["vocab_size"]
     cases = args.case or ["seq2048", "best", "tutorial", "mixed"]

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"selftune: unknown verb '{verb}'\n\n{usage()}", file=sys.stderr)
         return 2
     if verb == "sft":
-        from selftune.distributed import torchrun_command
+        from selftune.train.distributed import torchrun_command
 
         if command := torchrun_command(argv):
             import subprocess

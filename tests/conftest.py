@@ -16,14 +16,14 @@ from support import build_tiny_llama, build_tiny_qwen2  # noqa: F401
 
 @pytest.fixture(scope="session")
 def smol_folder():
-    from selftune.models import embedded_folder
+    from selftune.models.resolve import embedded_folder
 
     return embedded_folder()
 
 
 @pytest.fixture(scope="session")
 def smol_tokenizer(smol_folder):
-    from selftune.models import load_tokenizer
+    from selftune.models.load import load_tokenizer
 
     return load_tokenizer(smol_folder)
 
@@ -45,7 +45,7 @@ def tiny_model_dir(tmp_path_factory, smol_tokenizer):
 @pytest.fixture(scope="session")
 def smol_model(smol_folder):
     """The embedded SmolLM2-135M-Instruct on CPU, shared by the slow integration tests."""
-    from selftune.models import load_model
+    from selftune.models.load import load_model
 
     model, tokenizer, _ = load_model(str(smol_folder), device="cpu")
     return model, tokenizer

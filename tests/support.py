@@ -178,3 +178,40 @@ def run_interpreted(module: str, call: str) -> None:
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900
     )
     assert done.returncode == 0, done.stderr[-4000:]
+
+
+def random_examples(n, vocab, seed=0):
+    """n rows of growing length with labels on their second half."""
+    from selftune.data.encode import Example
+
+    rng = torch.Generator().manual_seed(seed)
+    examples = []
+    for i in range(n):
+        length = 6 + 5 * i
+        ids = torch.randint(3, vocab, (length,), generator=rng).tolist()
+        labels = [-100] * (length // 2) + ids[length // 2 :]
+        examples.append(Example(input_ids=ids, labels=labels))
+    return examples
+
+
+def lora_args(**overrides):
+    """Training settings for LoRA tests: rank 4, no dropout, the plan's defaults."""
+    from selftune.train.job import TrainSettings
+
+    values = dict(
+        train_type="lora",
+        lora_rank=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        target_modules=("all-linear",),
+        gradient_accumulation_steps=None,
+        per_device_train_batch_size=1,
+        max_steps=-1,
+        num_train_epochs=3.0,
+        learning_rate=None,
+        warmup_ratio=0.0,
+        eval_steps=None,
+        save_steps=500,
+    )
+    values.update(overrides)
+    return TrainSettings(**values)

@@ -7,8 +7,8 @@ import logging
 from pathlib import Path
 
 from selftune.args import DemoArgs, EvalArgs
-from selftune.commands import sft
-from selftune.generate import SamplingParams, generate
+from selftune.infer.generate import generate
+from selftune.infer.sampling import SamplingParams
 
 ARGS = DemoArgs
 log = logging.getLogger(__name__)
@@ -41,17 +41,17 @@ def show(before: list[str], after: list[str]) -> str:
 
 
 def run(args: DemoArgs) -> int:
-    from selftune.commands.eval import run_eval
     from selftune.data.identity import model_default_system
-    from selftune.evaluate import Identity, markdown
-    from selftune.models import load_for_inference, load_model
+    from selftune.infer.evaluate import Identity, markdown, run_eval
+    from selftune.models.load import load_for_inference, load_model
+    from selftune.train.recipe import train_run
 
     log.info("step 1/4: the base model answers before training")
     model, tokenizer, _ = load_model(args.model, args.torch_dtype, args.device)
     before = ask(model, tokenizer, args.system)
     del model
     log.info("step 2/4: fine-tuning on the built-in identity (+%d replay rows)", args.replay)
-    last = sft.train_run(args)
+    last = train_run(args)
     log.info("step 3/4: the tuned model answers")
     eval_args = EvalArgs(
         adapters=[str(last)],
@@ -72,7 +72,7 @@ def run(args: DemoArgs) -> int:
     )
     table = markdown(report)
     print("\n" + table)
-    from selftune.checkpoint import write_json_atomic
+    from selftune.atomic import write_json_atomic
 
     write_json_atomic(Path(last) / "eval.json", {**dataclasses.asdict(report), "markdown": table})
     print(f"\ncheckpoint: {last}\nchat with it: selftune infer --adapters {last}")

@@ -7,59 +7,21 @@ import logging
 from pathlib import Path
 
 from selftune.args import EvalArgs
-from selftune.checkpoint import write_json_atomic
+from selftune.atomic import write_json_atomic
 from selftune.errors import SelftuneError
-from selftune.evaluate import (
-    EvalReport,
+from selftune.infer.evaluate import (
     Identity,
-    conditions,
-    first_per_language,
-    load_general_questions,
-    load_heldout_systems,
-    load_identity_questions,
     markdown,
-    score_identity,
-    score_retention,
+    run_eval,
 )
 
 ARGS = EvalArgs
 log = logging.getLogger(__name__)
 
 
-def run_eval(
-    loaded, identity: Identity, train_system: str | None, default_system: str | None, args: EvalArgs
-) -> EvalReport:
-    identity_file = Path(args.identity_file) if args.identity_file else None
-    general_file = Path(args.general_file) if args.general_file else None
-    for path in (identity_file, general_file):
-        if path is not None and not path.is_file():
-            raise SelftuneError(f"{path}: no such file")
-    report = EvalReport()
-    systems = conditions(train_system, default_system, load_heldout_systems())
-    log.info("identity: %d conditions", len(systems))
-    score_identity(
-        loaded.model,
-        loaded.tokenizer,
-        first_per_language(load_identity_questions(identity_file), args.eval_limit),
-        identity,
-        systems,
-        report,
-        args.max_new_tokens,
-    )
-    log.info("retention on general questions")
-    score_retention(
-        loaded.model,
-        loaded.tokenizer,
-        first_per_language(load_general_questions(general_file), args.eval_limit),
-        report,
-        args.max_new_tokens,
-    )
-    return report
-
-
 def run(args: EvalArgs) -> int:
     from selftune.data.identity import model_default_system
-    from selftune.models import checkpoint_args, load_for_inference
+    from selftune.models.load import checkpoint_args, load_for_inference
 
     if not args.adapters:
         raise SelftuneError(

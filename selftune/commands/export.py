@@ -12,11 +12,11 @@ the final one and renamed when complete, so a failed or killed export leaves not
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from pathlib import Path
 
 from selftune.args import ExportArgs
+from selftune.atomic import atomic_folder, remove_stale_temps
 from selftune.errors import SelftuneError, UsageError
 
 ARGS = ExportArgs
@@ -41,39 +41,10 @@ def check_output(output: Path, checkpoint: Path, force: bool) -> None:
         raise SelftuneError(f"--output_dir {output}: not empty; pass --force true to replace it")
 
 
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def remove_stale_temps(output: Path) -> None:
-    """Temporary folders of exports that were killed (their process is gone)."""
-    for stale in output.parent.glob(f".{output.name}.tmp-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not process_alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-
-
-def replace_folder(tmp: Path, output: Path) -> None:
-    """Put the finished tmp folder under the final name, replacing what --force allowed."""
-    if output.exists():
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")
-        output.rename(old)
-        tmp.rename(output)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(output)
-
-
 def run(args: ExportArgs) -> int:
-    from selftune.export import base_spec, check_checkpoint, model_card
-    from selftune.gguf_export import GGUF_TYPES
-    from selftune.models import checkpoint_args
+    from selftune.export.gguf import GGUF_TYPES
+    from selftune.export.merge import base_spec, check_checkpoint, model_card
+    from selftune.models.load import checkpoint_args
 
     if len(args.adapters) != 1:
         raise UsageError("selftune export takes one checkpoint: --adapters CKPT")
@@ -93,43 +64,36 @@ def run(args: ExportArgs) -> int:
     if to_gguf:
         check_before_loading(checkpoint, spec, system, args.to_ollama)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(output)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_stale_temps(output)  # of exports that were killed
     gguf_name = f"model-{args.gguf_type}.gguf" if to_gguf else None
-    try:
-        tmp.mkdir()
+    with atomic_folder(output) as tmp:  # replaces what --force allowed
         write_export(args, checkpoint, spec, system, saved, tmp, write_hf, gguf_name)
         (tmp / "README.md").write_text(
             model_card(checkpoint, saved, spec, output.name, gguf_name, write_hf, args.to_ollama),
             encoding="utf-8",
         )
-        replace_folder(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"exported {checkpoint} to {output}")
     return 0
 
 
 def tokenizer_folder(checkpoint: Path, spec: str) -> Path:
-    from selftune.models import resolve_model
+    from selftune.models.resolve import resolve_model
 
     return checkpoint if (checkpoint / "tokenizer.json").is_file() else resolve_model(spec)
 
 
 def check_before_loading(checkpoint: Path, spec: str, system: str | None, to_ollama: bool) -> None:
     """What GGUF and Modelfile need, from config and tokenizer files alone."""
-    from selftune.export import set_default_system
-    from selftune.gguf_export import check_gguf_support, read_config
-    from selftune.models import load_tokenizer, resolve_model
+    from selftune.export.gguf import check_gguf_support, read_config
+    from selftune.export.merge import set_default_system
+    from selftune.models.load import load_tokenizer
+    from selftune.models.resolve import resolve_model
 
     folder = tokenizer_folder(checkpoint, spec)
     check_gguf_support(read_config(resolve_model(spec)), folder)
     if to_ollama:
         from selftune.data.identity import model_default_system
-        from selftune.ollama import chat_frame
+        from selftune.export.ollama import chat_frame
 
         tokenizer = load_tokenizer(folder)
         set_default_system(tokenizer, system)
@@ -146,7 +110,7 @@ def write_export(
     write_hf: bool,
     gguf_name: str | None,
 ) -> None:
-    from selftune.export import merge_checkpoint, save_merged
+    from selftune.export.merge import merge_checkpoint, save_merged
 
     model, tokenizer = merge_checkpoint(checkpoint, spec, args.torch_dtype, args.device)
     hf_folder = tmp if write_hf else tmp / ".merged"
@@ -155,13 +119,13 @@ def write_export(
     del model
     if gguf_name is None:
         return
-    from selftune.gguf_export import write_gguf
+    from selftune.export.gguf import write_gguf
 
     names = saved.get("model_name") or []
     write_gguf(hf_folder, tmp / gguf_name, args.gguf_type, name=names[-1] if names else None)
     if not write_hf:
         shutil.rmtree(hf_folder)
     if args.to_ollama:
-        from selftune.ollama import write_modelfile
+        from selftune.export.ollama import write_modelfile
 
         write_modelfile(tmp, gguf_name, tokenizer, system)

@@ -7,9 +7,9 @@ import time
 from pathlib import Path
 
 from selftune.args import InferArgs
-from selftune.chat import batch_infer, chat_loop
-from selftune.generate import sampling_from_args
-from selftune.models import load_for_inference
+from selftune.infer.chat import batch_infer, chat_loop
+from selftune.infer.sampling import sampling_from_args
+from selftune.models.load import load_for_inference
 
 ARGS = InferArgs
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from selftune.args import ServeArgs
 from selftune.errors import SelftuneError, UsageError
-from selftune.models import checkpoint_args, load_model
+from selftune.models.load import checkpoint_args, load_model
 
 ARGS = ServeArgs
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def run(args: ServeArgs) -> int:
     import torch
     import uvicorn
 
-    from selftune.generate import sampling_from_args
+    from selftune.infer.sampling import sampling_from_args
     from selftune.serve.app import ServerConfig, create_app
     from selftune.serve.engine import Engine, ServedModel, load_adapters
 

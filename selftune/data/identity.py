@@ -17,13 +17,13 @@ prompt: each question/answer pair is emitted once per condition, which keeps the
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from selftune.atomic import write_text_atomic
 from selftune.data.formats import Conversation
 from selftune.errors import SelftuneError, UsageError
 
@@ -212,11 +212,5 @@ def write_identity_file(
         text = json.dumps(records, ensure_ascii=False, indent=1) + "\n"
     else:
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(output)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text_atomic(output, text)
     return {lang: sum(1 for r in records if r["lang"] == lang) for lang in LANGS}

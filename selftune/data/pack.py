@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from selftune.data.encode import IGNORE_INDEX, Example
-from selftune.distill import teacher_rows
 from selftune.errors import SelftuneError
+from selftune.train.distill import teacher_rows
 
 
 @dataclass

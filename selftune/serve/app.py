@@ -17,7 +17,8 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from selftune.generate import Completion, SamplingParams, context_length, render_prompt
+from selftune.infer.generate import Completion, context_length, render_prompt
+from selftune.infer.sampling import SamplingParams
 from selftune.serve.engine import Engine, Job, ServedModel
 from selftune.serve.protocol import (
     ApiError,

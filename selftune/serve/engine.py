@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from selftune.generate import Completion, SamplingParams, generate
+from selftune.infer.generate import Completion, generate
+from selftune.infer.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def load_adapters(
     batch can mix them. The names PEFT sees are a0, a1, ...: API names may hold any character."""
     from peft import PeftModel
 
-    from selftune.models import checkpoint_args
+    from selftune.models.load import checkpoint_args
 
     served = []
     for i, (name, checkpoint) in enumerate(checkpoints.items()):

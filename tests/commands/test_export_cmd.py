@@ -206,12 +206,12 @@ def test_bad_gguf_type_is_a_usage_error(capsys, checkpoint):
 
 
 def test_a_failure_mid_export_leaves_no_folder(capsys, checkpoint, monkeypatch):
-    import selftune.gguf_export
+    import selftune.export.gguf
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(selftune.gguf_export, "write_gguf", disk_full)
+    monkeypatch.setattr(selftune.export.gguf, "write_gguf", disk_full)
     code, _, err = export(capsys, "--adapters", checkpoint, "--to_gguf", "true")
     assert code == 1 and "No space left on device" in err
     assert [p.name for p in checkpoint.parent.iterdir()] == ["checkpoint-8"]

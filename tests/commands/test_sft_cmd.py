@@ -69,7 +69,7 @@ def test_tutorial_command_writes_the_layout(tiny_model_dir, tmp_path):
     ]
 
     from selftune.args import InferArgs
-    from selftune.models import load_for_inference
+    from selftune.models.load import load_for_inference
 
     loaded = load_for_inference(InferArgs(adapters=[str(checkpoint)], device="cpu"))
     assert loaded.system == "You are a helpful assistant."
@@ -282,8 +282,8 @@ def recorded_run(monkeypatch):
     preparation builds a heap of 200,000 objects, as start-up does."""
     import gc
 
-    import selftune.train
-    from selftune.commands import sft
+    import selftune.train.loop
+    from selftune.train import recipe
 
     seen: dict = {}
     collections: list[int] = []
@@ -295,21 +295,21 @@ def recorded_run(monkeypatch):
     def prepare(args):
         seen["prepare"] = gc.isenabled()
         if args == "bad":
-            raise sft.SelftuneError("bad rows")
+            raise recipe.SelftuneError("bad rows")
         heap = [[] for _ in range(200_000)]
         collections.clear()
         return (args, heap)
 
-    def train(*job):
+    def train(job):
         seen["train"] = (gc.isenabled(), gc.get_freeze_count() > 0, job[0], len(collections))
         if job[0] == "fails":
             raise RuntimeError("out of memory")
         return Path("checkpoint-10")
 
-    monkeypatch.setattr(sft, "prepare", prepare)
-    monkeypatch.setattr(selftune.train, "train", train)
+    monkeypatch.setattr(recipe, "build_job", prepare)
+    monkeypatch.setattr(selftune.train.loop, "train", train)
     gc.callbacks.append(count)
-    yield sft.train_run, seen
+    yield recipe.train_run, seen
     gc.callbacks.remove(count)
 
 

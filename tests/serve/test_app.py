@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from selftune.generate import render_prompt
+from selftune.infer.generate import render_prompt
 
 pytestmark = pytest.mark.slow
 

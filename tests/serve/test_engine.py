@@ -9,7 +9,8 @@ import threading
 import pytest
 from support import make_adapter_checkpoint
 
-from selftune.generate import Completion, SamplingParams, generate, render_prompt
+from selftune.infer.generate import Completion, generate, render_prompt
+from selftune.infer.sampling import SamplingParams
 from selftune.serve.engine import BASE, Engine, Job, group_jobs, load_adapters
 
 QUESTION = [{"role": "user", "content": "Who are you?"}]
@@ -17,7 +18,7 @@ QUESTION = [{"role": "user", "content": "Who are you?"}]
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir, tmp_path_factory):
-    from selftune.models import load_model
+    from selftune.models.load import load_model
 
     root = tmp_path_factory.mktemp("adapters")
     checkpoints = {

@@ -1,0 +1,1 @@
+"""The GPU fast path: Liger, memory planning, step graphs, LoRA routing, kernels."""

@@ -1,0 +1,1 @@
+"""Exports that keep the identity: merged model, GGUF, Ollama Modelfile."""

@@ -1,0 +1,1 @@
+"""Generation: sampling, the generate engine, the static decoder, terminal chat, eval."""

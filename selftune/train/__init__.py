@@ -1,0 +1,1 @@
+"""Fine-tuning: the recipe, plan, losses, loop, checkpoints, run logs, replay, distributed."""
