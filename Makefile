@@ -4,7 +4,8 @@
 demo: setup
 	.venv/bin/selftune demo
 
-test: setup-dev
+# lint first: a style error fails the run in seconds, before the suite's minutes
+test: lint
 	.venv/bin/python -m pytest -q --durations=15
 
 setup:
@@ -14,4 +15,5 @@ setup-dev:
 	bash scripts/setup.sh dev
 
 lint: setup-dev
-	.venv/bin/ruff check selftune tests bench && .venv/bin/ruff format --check selftune tests bench
+	.venv/bin/ruff check selftune tests bench
+	.venv/bin/ruff format --check selftune tests bench

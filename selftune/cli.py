@@ -109,9 +109,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def console() -> NoReturn:
     """The `selftune` command: `main`, then, once it has returned, an exit that skips tearing the
-    interpreter down (thousands of modules, the model, the CUDA context: 1.4 s after a small
-    run on a CPU). Other threads are joined and the atexit handlers registered during the run
-    (torch's, the libraries') run first, as in any exit."""
+    interpreter down (thousands of modules, the model, the CUDA context: a noticeable part of a
+    small run's wall time). Other threads are joined and the atexit handlers registered during
+    the run (torch's, the libraries') run first, as in any exit."""
     returned: list[int] = []
     atexit.register(exit_now, returned)  # registered before the libraries' handlers: runs after
     returned.append(main())

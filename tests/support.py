@@ -171,7 +171,7 @@ def run_interpreted(module: str, call: str) -> None:
     if importlib.util.find_spec("triton") is None:
         pytest.skip("Triton is not installed")
     here = Path(__file__).parent
-    paths = [str(here / "kernels"), str(here), os.environ.get("PYTHONPATH", "")]
+    paths = [str(here / "accel" / "kernels"), str(here), os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(paths)}
     code = f"import torch, {module}; {module}.{call}"
     done = subprocess.run(

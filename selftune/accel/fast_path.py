@@ -73,7 +73,8 @@ def enable_fast_path(
 
 
 def use_grouped_lora(model: Any) -> list[str]:
-    """Route plain LoRA layers through kernels.lora, except under several processes (FSDP2
+    """Route plain LoRA layers through the grouped kernels (lora_routing.fuse_lora), except
+    under several processes (FSDP2
     swaps parameters under the modules; PEFT's own forward is the one checked there)."""
     import torch.distributed as dist
 

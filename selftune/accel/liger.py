@@ -1,4 +1,5 @@
-"""Liger's fused RMSNorm, RoPE and SwiGLU kernels patched into a model instance, where liger-kernel is installed."""
+"""Liger's fused RMSNorm, RoPE and SwiGLU kernels patched into a model instance, where
+liger-kernel is installed."""
 
 from __future__ import annotations
 

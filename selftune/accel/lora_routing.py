@@ -1,4 +1,6 @@
-"""Routes PEFT LoRA layers through the grouped kernels: projections that share an input run as one group (LoraGroup); a SwiGLU MLP's gate, up and activation as one node (kernels.lora_mlp). Undone by unfuse_lora."""
+"""Routes PEFT LoRA layers through the grouped kernels: projections that share an input run as
+one group (LoraGroup); a SwiGLU MLP's gate, up and activation as one node (kernels.lora_mlp).
+Undone by unfuse_lora."""
 
 from __future__ import annotations
 
@@ -99,9 +101,9 @@ class LoraGroup:
         slot = (name, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
         k = len(self.modules)
         if slot[1] and device_type == "cuda" and torch.cuda.is_current_stream_capturing():
-            # a captured training pass (selftune.accel.step_graphs) casts anew at every replay, so it
-            # sees each optimizer step; the cache keeps the eager copies (decode graphs instead
-            # read the no-grad copies, refreshed in place before they replay)
+            # a captured training pass (accel.step_graphs) casts anew at every replay, so it sees
+            # each optimizer step; the cache keeps the eager copies (decode graphs instead read
+            # the no-grad copies, refreshed in place before they replay)
             return compute_lowrank(adapters[:k], adapters[k:], scales, dtype)
         if self.lowrank_key.get(slot) != key:
             into = None if slot[1] else self.lowrank.get(slot)

@@ -1,4 +1,5 @@
-"""Memory planning for training on a GPU: gradient checkpointing on only as many decoder layers as the free memory needs, since recomputing a layer costs a third of its step."""
+"""Memory planning for training on a GPU: gradient checkpointing on only as many decoder layers
+as the free memory needs, since recomputing a layer costs a third of its step."""
 
 from __future__ import annotations
 
@@ -41,9 +42,9 @@ MARGIN = 2 * GIB  # kept free for the allocator, the optimizer and the output-la
 
 def activation_bytes(config: Any) -> tuple[int, int]:
     """Bytes one token keeps per decoder layer for backward with grouped LoRA: (without, with
-    checkpointing). About 20 x hidden + 8 x intermediate, fitted to the 7B config (one and two
-    2048-token rows peaked at 26.1 and 37.9 GiB unchecked, 14.2 GiB of it weights; this gives
-    26.1 and 38.0); a checkpointed layer keeps its input alone."""
+    checkpointing). About 20 x hidden + 8 x intermediate, fitted to the peak memory of the 7B
+    model's unchecked training passes (bench/README.md); a checkpointed layer keeps its input
+    alone."""
     hidden = int(config.hidden_size)
     intermediate = int(getattr(config, "intermediate_size", 4 * hidden) or 4 * hidden)
     return 20 * hidden + 8 * intermediate, 2 * hidden

@@ -1,8 +1,8 @@
 """Training micro-batches replayed as CUDA graphs: short packs are bound by host time.
 
-A forward and backward of a 7B model through grouped LoRA costs about 0.24 s of host time on an
-H200 whatever the pack's length up to ~3,000 tokens (bench/README.md), so the tutorial's
-350-token packs leave the GPU idle most of each step. Here a micro-batch whose shapes recur is
+A forward and backward through grouped LoRA costs about the same host time whatever a short
+pack's length: launching the kernels, not running them, sets the pace, so short packs leave the
+GPU idle most of each step (bench/README.md). Here a micro-batch whose shapes recur is
 captured, on its second sighting, as one CUDA graph of its forward, loss and backward. Each
 later one copies its tensors into the graph's inputs and replays it: one launch.
 
@@ -10,7 +10,7 @@ What makes a replay right:
 - the gradients accumulate in place into each trainable parameter's `.grad`, so those must stay
   the same tensors: the loop zeroes them (`zero_grad(set_to_none=False)`); a replay checks the
   addresses and drops every graph when they moved;
-- the graph reads the float32 adapters and casts them itself (kernels.lora recasts while
+- the graph reads the float32 adapters and casts them itself (lora_routing recasts while
   capturing), so it sees each optimizer step; dropout draws new masks at each replay (PyTorch's
   graph-safe RNG);
 - checkpointed layers replay too: their recompute draws the forward's masks again (PyTorch
@@ -41,10 +41,8 @@ MAX_GRAPHS = 8  # distinct shapes captured; each holds its activations in one sh
 # label positions and the longest conversation round up to these multiples
 TOKEN_STEP, SEGMENT_STEP, LABEL_STEP, LENGTH_STEP = 256, 4, 256, 64
 PAD_BELOW = 4096  # tokens: longer packs keep their shape (padding would cost more than it saves)
-# tokens: longer passes run eagerly. Three checkpointed 2048-token rows of the 7B model (6,144
-# tokens) ran 9.5% faster replayed than eager, in 0.2 GiB more (bench/README.md). Four rows
-# (8,192) peak at 31 GiB eager as replayed: the 31.3 GiB once put down to their capture is the
-# eager pass's own first step
+# tokens: longer passes run eagerly; passes up to this size replay faster than they run eagerly,
+# at about the same peak memory (bench/README.md)
 MAX_TOKENS = 8192
 
 
@@ -147,8 +145,8 @@ def batch_key(batch: dict[str, Any], training: bool) -> tuple | None:
 
 class StepGraphs:
     """Forward + backward per micro-batch, eager or replayed. `loss_fn(batch)` gives (loss sum,
-    count, correct) as train.batch_loss does; `model` is what it trains (for train/eval mode and
-    the LoRA routing); `params` the trainable parameters."""
+    count, correct) as train.loss.batch_loss does; `model` is what it trains (for train/eval
+    mode and the LoRA routing); `params` the trainable parameters."""
 
     def __init__(
         self,

@@ -50,7 +50,7 @@ def run(args: ExportArgs) -> int:
         raise UsageError("selftune export takes one checkpoint: --adapters CKPT")
     if args.gguf_type not in GGUF_TYPES:
         raise UsageError(f"--gguf_type {args.gguf_type}: use one of {', '.join(GGUF_TYPES)}")
-    if getattr(args, "quant_bits", None):
+    if args.quant_bits:
         raise UsageError("selftune export merges in the base's own dtype: drop --quant_bits")
     checkpoint = Path(args.adapters[0])
     check_checkpoint(checkpoint)

@@ -28,7 +28,7 @@ def run(args: InferArgs) -> int:
         from selftune.data.formats import load_dataset_files
 
         conversations = load_dataset_files(args.val_dataset)
-    loaded = load_for_inference(args)
+    loaded = load_for_inference(args, merge_lora=args.merge_lora)
     params = sampling_from_args(args, loaded.model.generation_config)
     if conversations is not None:
         result_path = Path(args.result_path) if args.result_path else default_result_path(args)

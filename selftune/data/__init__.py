@@ -1,1 +1,2 @@
-"""Training data: files and row formats, the built-in identity set, mixing, tokenisation, packing."""
+"""Training data: files and row formats, the built-in identity set, mixing, tokenisation,
+packing."""

@@ -20,7 +20,7 @@ TEACHER_KEYS = ("teacher_ids", "teacher_probs", "soft_index", "hard_index")
 def packed_batch(pack: PackedBatch) -> Batch:
     """A pack as model inputs: restarting `position_ids` isolate conversations on eager/SDPA
     attention, and `cu_seq_lens` (transformers' flash-attention kwarg names, handed down to the
-    attention function) drive the varlen kernel on CUDA (kernels.attention)."""
+    attention function) drive the varlen kernel on CUDA (accel.kernels.attention)."""
     batch = {
         "input_ids": pack.input_ids,
         "labels": pack.labels,
@@ -85,10 +85,9 @@ class StepRows:
 
 def step_pack_tokens(max_length: int, batch_size: int, checkpointing: bool) -> int:
     """Tokens per step pack: the unpacked micro-batch's worst case (rows x max_length), or with
-    gradient checkpointing at least 8192. Each forward/backward costs a fixed launch overhead
-    (about 0.2 s for a 7B model on an H200), so fewer, fuller packs pay; with checkpointing an
-    8192-token pack of the 7B model peaked at 18.3 GiB, under stock transformers' 18.4 GiB for
-    one 2048-token row (bench/README.md)."""
+    gradient checkpointing at least 8192. Each forward/backward costs a fixed launch overhead,
+    so fewer, fuller packs pay; with checkpointing an 8192-token pack needs no more memory than
+    stock transformers' one 2048-token row (bench/README.md)."""
     unpacked = max_length * batch_size
     return max(unpacked, 8192) if checkpointing else unpacked
 

@@ -34,7 +34,7 @@ class Example:
     input_ids: list[int]
     labels: list[int]  # input_ids where trained, IGNORE_INDEX elsewhere (unshifted)
     # replay rows: the base's top-k next-token ids and probabilities per position ([n, k]
-    # tensors, zero where unlabelled), set by distill.attach_teacher
+    # tensors, zero where unlabelled), set by train.distill.attach_teacher
     teacher_ids: Any = None
     teacher_probs: Any = None
 

@@ -1,7 +1,8 @@
 """The built-in bilingual identity dataset (`identity`, alias `swift/self-cognition`).
 
-Rows in `identity.jsonl` carry `{name}` / `{author}` placeholders, filled from `--model_name ZH [EN]`
-and `--model_author ZH [EN]`; Chinese rows get the Chinese values, English rows the English ones.
+Rows in `identity.jsonl` carry `{name}` / `{author}` placeholders, filled from
+`--model_name ZH [EN]` and `--model_author ZH [EN]`; Chinese rows get the Chinese values, English
+rows the English ones.
 A placeholder never reaches training unfilled: missing values fail before any model loads.
 
 System-prompt variants (on by default) keep the identity when a server or user inserts a system

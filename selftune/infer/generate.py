@@ -2,7 +2,7 @@
 
 A plain batched decode loop over the model's KV cache: left-padded prompts, greedy or sampled
 next tokens, stop on the model's end tokens or on stop strings, text streamed per step. One row
-on CUDA decodes on a static cache with CUDA graphs instead (static_decode.py).
+on CUDA decodes on a static cache with CUDA graphs instead (infer.static_decode).
 """
 
 from __future__ import annotations

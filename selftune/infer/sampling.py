@@ -1,4 +1,5 @@
-"""Sampling settings and the next-token choice: greedy, temperature, top-k, top-p, repetition penalty."""
+"""Sampling settings and the next-token choice: greedy, temperature, top-k, top-p and the
+repetition penalty."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from selftune.args import GenerationArgs
 
 
 @dataclass
@@ -19,12 +22,12 @@ class SamplingParams:
     seed: int | None = None
 
 
-def sampling_from_args(args: Any, generation_config: Any = None) -> SamplingParams:
+def sampling_from_args(args: GenerationArgs, generation_config: Any = None) -> SamplingParams:
     """Flags win; otherwise the model's generation_config; otherwise greedy."""
     config_sampling = bool(getattr(generation_config, "do_sample", False))
 
     def pick(name: str, default: Any) -> Any:
-        value = getattr(args, name, None)
+        value = getattr(args, name)
         if value is not None:
             return value
         if config_sampling and getattr(generation_config, name, None) is not None:
@@ -37,7 +40,7 @@ def sampling_from_args(args: Any, generation_config: Any = None) -> SamplingPara
         top_k=pick("top_k", 0),
         repetition_penalty=pick("repetition_penalty", 1.0),
         max_new_tokens=args.max_new_tokens,
-        seed=getattr(args, "seed", None),
+        seed=args.seed,
     )
 
 

@@ -1,12 +1,13 @@
 """Batch-1 decode on a preallocated KV cache, each token one CUDA graph replay on GPU.
 
-Why: at batch 1 a 7B decode step is about a thousand small kernels, and launching them from
-Python, not reading the weights, bounds the plain loop (about 20 tok/s on an H100 against a
-bandwidth limit near 200). With the cache preallocated and every shape fixed, a step is captured
+Why: at batch 1 a decode step is hundreds of small kernels, and launching them from Python,
+not reading the weights, bounds the plain loop far below what the memory bandwidth allows
+(bench/README.md). With the cache preallocated and every shape fixed, a step is captured
 once as a CUDA graph and replayed per token. The cache lives in buckets of doubling length, so a
 short answer attends over a short cache; when an answer outgrows its bucket, the cache moves to
 the next one. On the GPU each layer's attention of the step runs as two Triton launches
-(kernels.decode_attention), and the projections that share an input as one (kernels.stacked).
+(accel.kernels.decode_attention), and the projections that share an input as one
+(accel.kernels.stacked), both routed by accel.decode_routing.
 On CPU the same steps run eagerly: the tests pin that they decode what the plain loop decodes.
 
 Used by `generate()` for one row on CUDA, with no per-row adapter names (the server activates a
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 
+from selftune.accel import decode_routing
 from selftune.accel.kernels import decode_attention
 from selftune.infer.sampling import pick_next
 
@@ -139,12 +141,11 @@ class StaticDecoder:
         self.fused_attention = 0  # attention modules routed through kernels.decode_attention
 
     def prepare(self) -> None:
-        """Before an answer: route the LoRA layers through grouped LoRA (an eighth of PEFT's
-        launches per token) and stack the projections that share an input (kernels.stacked),
+        """Before an answer: route the LoRA layers through grouped LoRA (far fewer launches per
+        token than PEFT's) and stack the projections that share an input (accel.kernels.stacked),
         drop graphs captured under another routing, and bring the adapters the graphs read
         up to date."""
         from selftune.accel import lora_routing as lora
-        from selftune.accel.kernels import stacked
 
         for stack in self.stacks or []:
             if not stack.released and not stack.intact():  # its weights moved (a safe merge,
@@ -155,11 +156,11 @@ class StaticDecoder:
                 lora.fuse_lora(self.model)
                 groups = lora.lora_groups(self.model)
             if self.stacks is None:
-                self.stacks = stacked.stack_projections(self.model) if self.fast else []
+                self.stacks = decode_routing.stack_projections(self.model) if self.fast else []
             self.stacks = [stack for stack in self.stacks if not stack.released]
-            stacked.route(self.stacks)
+            decode_routing.route_stacks(self.stacks)
             if self.fast and not self.fused_attention and decode_attention.runs_on(self.device):
-                self.fused_attention = decode_attention.route(self.model, self.slot)
+                self.fused_attention = decode_routing.route_attention(self.model, self.slot)
             self.steps.clear()
             self.routing = lora.ROUTINGS[0]
             self.lora_groups = groups
@@ -306,7 +307,7 @@ def decoder_for(model: Any) -> StaticDecoder:
             from selftune.accel.liger import apply_liger
 
             inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-            if apply_liger(inner):  # a third fewer kernels per token: 124 -> 171 tok/s on a 7B
+            if apply_liger(inner):  # fewer kernels per token (bench/README.md)
                 log.info("decode: Liger RMSNorm/RoPE/SwiGLU kernels")
         decoder = StaticDecoder(model, use_graphs=on_gpu)
         model._selftune_static_decoder = decoder
@@ -317,7 +318,7 @@ def disable(model: Any) -> None:
     """Keep this model on the plain loop from now on (with its modules' own forwards)."""
     decoder = getattr(model, "_selftune_static_decoder", None)
     if isinstance(decoder, StaticDecoder):
-        decode_attention.unroute(model)
+        decode_routing.unroute_attention(model)
         for stack in decoder.stacks or []:
             if not stack.released:
                 stack.release()

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from selftune.args import EvalArgs, InferArgs
 from selftune.errors import SelftuneError
 from selftune.models.preload import import_in_thread, import_model_code
 from selftune.models.readahead import start_readahead
@@ -156,9 +157,10 @@ class Loaded:
     adapter_names: list[str]
 
 
-def load_for_inference(args: Any) -> Loaded:
-    """Load --model, or the base model named by --adapters' checkpoint, with the adapters on."""
-    adapters = [Path(a) for a in getattr(args, "adapters", []) or []]
+def load_for_inference(args: InferArgs | EvalArgs, merge_lora: bool = False) -> Loaded:
+    """Load --model, or the base model named by --adapters' checkpoint, with the adapters on
+    (merged into the weights with `merge_lora`, or where several act together)."""
+    adapters = [Path(a) for a in args.adapters]
     for adapter in adapters:
         if (
             not (adapter / "adapter_config.json").is_file()
@@ -178,7 +180,7 @@ def load_for_inference(args: Any) -> Loaded:
         weights,
         args.torch_dtype,
         args.device,
-        getattr(args, "quant_bits", None),
+        args.quant_bits,
     )
     names: list[str] = []
     if adapters and not full_checkpoint:
@@ -193,7 +195,7 @@ def load_for_inference(args: Any) -> Loaded:
             names.append(name)
         if len(names) > 1:  # several adapters act together, as ms-swift stacks them
             model.base_model.set_adapter(names)
-        if getattr(args, "merge_lora", False) or len(names) > 1:
+        if merge_lora or len(names) > 1:
             model = model.merge_and_unload()
         model.eval()
     system = args.system if args.system is not None else saved.get("system")

@@ -2,9 +2,9 @@
 
 Reading 15 GB of weights keeps the disk busy and the CPU idle for seconds; LoRA (peft), Liger,
 the checkpoint code and the loss plot import in that time instead of after it. The model's own
-code is imported first, on the caller's thread: after it, `from_pretrained` imported nothing
-more in our runs on a CPU, and nothing while the weights were read on a GPU, so the two threads
-do not import side by side. The caller joins the thread before it imports anything else.
+code is imported first, on the caller's thread: after it, `from_pretrained` imports nothing
+more while the weights are read, so the two threads do not import side by side. The caller
+joins the thread before it imports anything else.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def import_model_code(folder: Path) -> bool:
 
 def import_in_thread(names: Sequence[str | Callable[[], object]]) -> threading.Thread:
     """Start importing `names`, in order, or calling those that are functions (the Triton
-    kernels' compiles: kernels.precompile); one that fails is left to run where it is used."""
+    kernels' compiles: accel.kernels.precompile); one that fails is left to run where it is used."""
 
     def run() -> None:
         for name in names:

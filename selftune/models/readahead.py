@@ -1,12 +1,12 @@
 """Read a model's weight files (a local folder, or a hub snapshot already in the Hugging Face
 cache) into the page cache from the start of a run.
 
-From a cold page cache, the tutorial's run on an H200 spent its first 7 s importing torch and
-transformers and encoding the data, and only then read 15 GB of weights in 10-12 s
-(bench/README.md). A thread that starts at once has the kernel read the weight files into
+From a cold page cache, a run spends its first seconds importing torch and transformers and
+encoding the data, and only then reads the weights, which takes longer still (bench/README.md).
+A thread that starts at once has the kernel read the weight files into
 the page cache (`sendfile` to /dev/null: no copy into this process, the GIL released) while
 those imports run, so the load finds them cached. `posix_fadvise(WILLNEED)` would be the plain
-way, but recent kernels cap it at the readahead window (8 MB of a 2 GB file here). Skipped where
+way, but recent kernels cap it at the readahead window, a few MB of a multi-GB file. Skipped where
 the weights would not fit in half the memory the system has available: they would only push
 each other out.
 """

@@ -145,8 +145,9 @@ class Engine:
 
     def gather(self, first: Job) -> tuple[list[Job], bool]:
         """The first job and those arriving right behind it (each within gather_s), and whether
-        close() was called meanwhile. A lone request waits gather_s once: 10 ms split 16
-        clients' waves into two batches on a busy 2-core CPU, 30 ms kept them whole."""
+        close() was called meanwhile. A lone request waits gather_s once; the default is long
+        enough that a wave of clients sent together lands in one batch on a busy CPU
+        (bench/README.md)."""
         jobs = [first]
         while len(jobs) < self.max_batch_size:
             try:

@@ -1,4 +1,5 @@
-"""The loss of a micro-batch: token-summed cross-entropy (or KL toward the base on replay rows) at label positions only."""
+"""The loss of a micro-batch: token-summed cross-entropy (or KL toward the base on replay rows)
+at label positions only."""
 
 from __future__ import annotations
 
@@ -87,7 +88,7 @@ def batch_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
 
 def autocast_context(device: str, dtype: torch.dtype, wanted: bool = True):
     """bf16 autocast where float32 weights meet a unit that does bf16 fast: CUDA, or a CPU with
-    AMX / AVX512-BF16 (about twice the float32 training speed of a 135M model on 2 cores).
+    AMX / AVX512-BF16, where it trains a small model much faster than float32 (bench/README.md).
     Trainable LoRA weights and the optimizer stay in float32. Not `wanted` when the user asked
     for float32 by name, or under FSDP2, whose own precision policy applies (autocast over
     FSDP2's gathered weights gave wrong gradients on CPU, torch 2.13)."""

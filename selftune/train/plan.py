@@ -1,4 +1,5 @@
-"""The plan of a run: learning rate, steps, warm-up and schedule from the settings, data size and model size; each step's micro-batches in a seeded order."""
+"""The plan of a run: learning rate, steps, warm-up and schedule from the settings, the data's
+size and the model's; each step's micro-batches in a seeded order."""
 
 from __future__ import annotations
 

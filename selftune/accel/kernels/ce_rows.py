@@ -2,8 +2,8 @@
 
 In plain PyTorch (kernels.linear_ce) a chunk of 512 x 152k logits goes through about ten
 float32 passes: the upcast, logsumexp's max, subtraction and exponent, the gather, argmax, the
-softmax, the one-hot subtraction and the cast back, about 1.2 ms of a 6,144-token step's 15 ms of
-loss on an H200 (bench/README.md). Here one program per row reads its logits twice: once for
+softmax, the one-hot subtraction and the cast back: a large share of the loss's time
+(bench/README.md). Here one program per row reads its logits twice: once for
 the running max, the sum of exponents and the first argmax, once to write
 `softmax - one_hot(target)` over the logits, in float32 arithmetic and the logits' dtype, zero
 for rows whose target is -100. The head's GEMM then reads that gradient as it is.

@@ -1,9 +1,9 @@
 """The attention of a one-token decode step in two launches: RoPE, cache write and attention.
 
-Why: on an H100 a batch-1 decode step of a 7B is about 700 kernels, and between replayed
-kernels the GPU idles about 1 us each (bench/README.md). Per layer, transformers' attention runs
-RoPE, the static cache's update (an arange, two adds, two `index_copy_`) and SDPA: seven
-kernels, 15-17 us, to attend one query over a few hundred cached positions. Here one kernel
+Why: a batch-1 decode step replays hundreds of small kernels and the GPU idles between each
+two, so a step's time follows its kernel count (bench/README.md). Per layer, transformers'
+attention runs RoPE, the static cache's update (an arange, two adds, two `index_copy_`) and
+SDPA: seven kernels to attend one query over a few hundred cached positions. Here one kernel
 rotates the new query and key, attends each key/value head's queries over one chunk of the
 cache (the new token's key and value from registers) and writes the new key and value into
 the cache; a second merges the chunks (split-K attention, as flash-decoding does). The cache's
@@ -136,71 +136,3 @@ def attend(
         part_m, part_l, part_acc, out, position, chunk, dim=dim, splits=splits, num_warps=4
     )
     return out
-
-
-def route(model: Any, slot: Slot) -> int:
-    """Give every supported attention module of `model` the fused one-token forward, reading
-    `slot`; return how many took it. Replaces an earlier decoder's routing."""
-    routed = 0
-    for module in model.modules():
-        if supported(module):
-            current = module.__dict__.get("forward")
-            if getattr(current, "_selftune_decode_attention", False):
-                current = current._selftune_fallback
-            module.forward = _bound(module, slot, current)
-            routed += 1
-    return routed
-
-
-def unroute(model: Any) -> None:
-    """Give the attention modules back the forwards they had before `route`."""
-    for module in model.modules():
-        current = module.__dict__.get("forward")
-        if getattr(current, "_selftune_decode_attention", False):
-            if current._selftune_fallback is None:
-                del module.forward
-            else:
-                module.forward = current._selftune_fallback
-
-
-def _bound(module: Any, slot: Slot, previous: Any):
-    def own(*args: Any, **kwargs: Any):
-        if previous is not None:
-            return previous(*args, **kwargs)
-        return type(module).forward(module, *args, **kwargs)
-
-    def forward(*args: Any, **kwargs: Any):
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        embeddings = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
-        if (
-            slot.cache is None
-            or slot.failed
-            or embeddings is None
-            or hidden.shape[:-1] != (1, 1)
-            or torch.is_grad_enabled()
-            or not runs_on(hidden.device)
-        ):
-            return own(*args, **kwargs)
-        layers = getattr(slot.cache, "layers", [])
-        if module.layer_idx >= len(layers):
-            return own(*args, **kwargs)
-        q, k, v = module.q_proj(hidden), module.k_proj(hidden), module.v_proj(hidden)
-        cos, sin = embeddings
-        try:
-            out = attend(
-                q, k, v, cos, sin, layers[module.layer_idx], slot.position, module.scaling,
-                module.head_dim,
-            )  # fmt: skip
-        except Exception as exc:  # noqa: BLE001  # e.g. a kernel that fails to compile
-            if hidden.is_cuda and torch.cuda.is_current_stream_capturing():
-                raise  # the decoder drops this capture and steps eagerly
-            log.warning("decode: attention kernels failed (%s); transformers' attention", exc)
-            slot.failed = True
-            out = None
-        if out is None:
-            return own(*args, **kwargs)
-        return module.o_proj(out), None
-
-    forward._selftune_decode_attention = True
-    forward._selftune_fallback = previous
-    return forward

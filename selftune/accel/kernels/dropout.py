@@ -24,11 +24,10 @@ from selftune.accel.kernels import load_triton
 # a program's tile: FORWARD_ROWS or BACKWARD_ROWS rows by four parts of PART columns (the mask
 # depends on the part's width alone, so the two may tile the rows differently). Philox4x32 at 7
 # rounds: the Random123 paper (Salmon et al., 2011) reports 7 passing TestU01's BigCrush, and
-# recommends Triton's default of 10 as a margin; 10 rounds took 177 against 134 us forward for
-# down_proj's input of 6,144 tokens on an H200, PyTorch's dropout 196 (bench/kernel_times.py,
-# bench/README.md)
+# recommends Triton's default of 10 as a margin, which makes the forward markedly slower
+# (bench/kernel_times.py, bench/README.md)
 PART = 128
-FORWARD_ROWS, FORWARD_WARPS = 16, 8  # 134 against 153 us at 32 rows and 4 warps (H200)
+FORWARD_ROWS, FORWARD_WARPS = 16, 8  # faster than 32 rows at 4 warps (bench/kernel_times.py)
 BACKWARD_ROWS = 32  # tl.dot's tile: (rows, ranks) @ (ranks, part)
 ROUNDS = 7
 # the backward holds a group's whole stacked rank in one tile; wider groups keep PyTorch's dropout
@@ -92,7 +91,7 @@ def lora_input_grad(low_grad: torch.Tensor, a_all: torch.Tensor, p: float, mask)
     if mask is not None and mask.dtype != torch.bool:
         return input_grad(low_grad, a_all, p, mask)
     grad = low_grad @ a_all
-    if mask is not None:  # dropout's own backward (a bool mask and a bf16 product in one
-        # mixed-dtype elementwise op ran 2x slower)
+    if mask is not None:  # dropout's own backward: faster than one mixed-dtype elementwise op
+        # over a bool mask and a bf16 product
         grad = torch.ops.aten.native_dropout_backward(grad, mask, 1.0 / (1.0 - p))
     return grad

@@ -39,7 +39,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 if grad_hidden is not None:
                     grad_hidden[start : start + chunk] = logits @ weight
                 continue
-            valid = target != IGNORE_INDEX  # padding (step_graphs) counts for nothing
+            valid = target != IGNORE_INDEX  # padding (accel.step_graphs) counts for nothing
             safe = target.clamp(min=0)
             logits = logits.to(acc)
             lse = torch.logsumexp(logits, dim=-1)

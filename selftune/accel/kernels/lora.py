@@ -10,7 +10,7 @@ kept for backward; the frozen base weights are not saved (see GroupedLora). The 
 adapter weights stay the optimizer's master copy: their gradients come back in float32.
 
 One mask per group, where PEFT draws one per module: the same dropout rate, correlated across
-q, k and v. With dropout 0 the result equals PEFT's (tests/kernels/test_lora.py, on the CPU).
+q, k and v. With dropout 0 the result equals PEFT's (tests/accel/kernels/test_lora.py, on the CPU).
 In a SwiGLU MLP, gate and up run through kernels.lora_mlp instead while autograd records.
 """
 
@@ -32,7 +32,7 @@ class GroupedLora(torch.autograd.Function):
     (down_proj): nothing is saved after this node, and torch's non-reentrant checkpoint stops
     recomputing once every saved tensor is back (`early_stop`). The adapter outputs are written
     first and each base GEMM accumulates into them (beta = 1), where adding B's product after the
-    base GEMM read and wrote every output once more."""
+    base GEMM would read and write every output once more."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float, lowrank: tuple, handoff, *tensors):

@@ -71,8 +71,7 @@ class Handoff:
     """down_proj's adapter part of its input's gradient, (low_grad, A) for low_grad @ A, handed
     from its GroupedLora backward to the LoraSwiglu backward that produced that input: added
     there as it is read, so down_proj's base GEMM writes the gradient (beta = 0) and the part is
-    never written (kernels.swiglu). Without dropout only: with the dropout kernel's mask drawn
-    again inside the SwiGLU backward, that kernel took 790 against 386 us on an H200, more than
-    the handoff saves (bench/README.md; why, not found)."""
+    never written (kernels.swiglu). Without dropout only: drawing the dropout mask again inside
+    the SwiGLU backward slows that kernel by more than the handoff saves (bench/README.md)."""
 
     pending: tuple | None = None

@@ -2,10 +2,10 @@
 
 Triton compiles a kernel at its first launch for each specialisation (dtypes, constants, each
 integer's divisibility by 16), and keeps it on disk for later processes. On a machine's first
-run that cache is empty: the tutorial's training loop took 9.1 s on a fresh H200 against 3.0 s
-in the next process (bench/README.md). Launched once on one-row tensors of the model's widths
-while its weights are read (`preload`), the dropout, SwiGLU and cross-entropy kernels compile in
-that time instead, and the step's own launches find them compiled.
+run that cache is empty, and the first training steps wait for the compiler (bench/README.md).
+Launched once on one-row tensors of the model's widths while its weights are read
+(models.preload), the dropout, SwiGLU and cross-entropy kernels compile in that time instead,
+and the step's own launches find them compiled.
 """
 
 from __future__ import annotations

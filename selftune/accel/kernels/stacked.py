@@ -2,8 +2,8 @@
 
 At batch 1 a decode step is a chain of matrix-vector products, and each launch costs a few
 microseconds whatever its size: q, k and v (or gate and up) are three (two) products of one
-input, and an unmerged LoRA adds one small product for A and one for B per projection (1,169
-kernels a step on a 7B with grouped LoRA, against about 600 merged: bench/README.md). Here the
+input, and an unmerged LoRA adds one small product for A and one for B per projection: many
+more kernels a step than the merged model runs (bench/README.md). Here the
 weights of the projections that read one input live in one buffer, the active adapter's A
 rows below them, so one GEMV gives every base output and every rank-r product; then one
 block-diagonal B product adds all the LoRA outputs in place. The modules keep their weights as
@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 from selftune.accel import lora_routing as lora
-from selftune.accel.kernels.lora import SHARED_INPUT
 from selftune.accel.lora_routing import shared_adapter
 
 SINGLE = ("o_proj", "down_proj")  # stacked only to fold an adapter's A rows in
@@ -203,59 +202,3 @@ def build(modules: list[Any]) -> Stack | None:
                 b.bias.data = bias[start : start + out]
             start += out
     return Stack(modules, weight, bias, outs, rank, b_block)
-
-
-def stack_projections(model: Any) -> list[Stack]:
-    """Stack the projections of every layer that share an input (and, with LoRA, each single
-    one) for one-token decode steps; return the stacks. The weights stay parameters (views):
-    they train, merge and save as before (tests/kernels/test_stacked.py)."""
-    stacks: list[Stack] = []
-    for parent in model.modules():
-        children = dict(parent.named_children())
-        names = []
-        for group in SHARED_INPUT:  # LoRA layers and plain ones apart (q/v adapted, k not)
-            present = [n for n in group if n in children]
-            adapted = [n for n in present if hasattr(children[n], "lora_A")]
-            plain = [n for n in present if n not in adapted]
-            names += [g for g in (adapted, plain) if len(g) > 1 or (g and g is adapted)]
-        names += [[n] for n in SINGLE if n in children and hasattr(children[n], "lora_A")]
-        for group in names:
-            modules = [children[n] for n in group]
-            owners = {id(m.__dict__.get("_selftune_stack")) for m in modules}
-            stack = modules[0].__dict__.get("_selftune_stack")
-            if len(owners) == 1 and stack is not None:  # stacked already (another decoder)
-                stacks.append(stack)
-                continue
-            stack = build(modules)
-            if stack is not None:
-                for m in modules:
-                    m._selftune_stack = stack
-                stacks.append(stack)
-    return stacks
-
-
-def route(stacks: list[Stack]) -> None:
-    """Install the stacked forward over whatever forward each member has now (PEFT's, or
-    grouped LoRA's), which it falls back to."""
-    for stack in stacks:
-        if stack.released:
-            continue
-        for index, module in enumerate(stack.modules):
-            current = module.__dict__.get("forward")
-            if getattr(current, "_selftune_stacked", False):
-                continue
-            module.forward = _bound(stack, index, current)
-
-
-def _bound(stack: Stack, index: int, previous: Any):
-    module = stack.modules[index]
-
-    def fallback(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return type(module).forward(module, x, *args, **kwargs)
-
-    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return stack.output(index, x, previous or fallback, *args, **kwargs)
-
-    forward._selftune_stacked = True
-    forward._selftune_fallback = previous
-    return forward

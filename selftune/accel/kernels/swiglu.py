@@ -1,9 +1,9 @@
 """SwiGLU over LoRA-adapted gate and up projections, the adapters' rank-r products added inside.
 
-Grouped LoRA writes each B product and lets the base GEMM accumulate into it (beta = 1). For the
-18,944-wide gate and up outputs of 6,144 tokens on an H200, that accumulating GEMM cost 82-198 us
-more than a plain one, and writing the B product 87 us more (bench/kernel_times.py, bench/README.md),
-in the forward and again in a checkpointed layer's recompute. Here the base GEMMs write gate's
+Grouped LoRA writes each B product and lets the base GEMM accumulate into it (beta = 1). For
+wide gate and up outputs that accumulating GEMM is slower than a plain one, and writing the B
+product costs a pass of its own (bench/kernel_times.py, bench/README.md), in the forward and
+again in a checkpointed layer's recompute. Here the base GEMMs write gate's
 and up's plain outputs, and one pass adds `low_i @ B_i.T` per tile (tl.dot of (rows, ranks) by
 (ranks, columns): the rank-r products are read, never written) as it applies silu(gate) * up, in
 float32. The backward computes the same sums again and writes gate's and up's gradients over
@@ -16,7 +16,7 @@ import torch
 
 from selftune.accel.kernels import load_triton
 
-ROWS, COLUMNS, WARPS = 16, 128, 4  # a program's tile, the best of four (bench/kernel_times.py)
+ROWS, COLUMNS, WARPS = 16, 128, 4  # a program's tile, chosen with bench/kernel_times.py
 MAX_RANK = 128  # one member's rank that one tile holds; wider adapters keep the PyTorch version
 
 

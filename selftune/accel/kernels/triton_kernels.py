@@ -1,6 +1,6 @@
 """The Triton kernels (imported only where Triton is installed; the wrappers that call them,
-and say why, are kernels.ce_rows and kernels.dropout). At module level, as Triton resolves the
-helpers a kernel calls among the module's globals."""
+and say why, are kernels.ce_rows, dropout, swiglu and decode_attention). At module level, as
+Triton resolves the helpers a kernel calls among the module's globals."""
 
 import triton
 import triton.language as tl
@@ -75,7 +75,7 @@ def drop_part(x, out, rows, cols, n_rows, n_cols, keep_part, scale):
 
 # the rows and tiles vary from pack to pack: not specialised on, so that one compiled kernel serves
 # them all; the width is a model's constant, and its divisibility by 16 (Triton's specialisation)
-# is what lets the loads and stores be vectorised: without it the forward ran 7x slower
+# is what lets the loads and stores be vectorised, which the forward's speed depends on
 @triton.jit(do_not_specialize=["n_rows", "tiles"])
 def dropout_forward(x, out, seed_ptr, n_rows, n_cols, tiles, p, scale,
             rows_per: tl.constexpr, part: tl.constexpr, rounds: tl.constexpr):  # fmt: skip

@@ -10,6 +10,7 @@ import pytest
 import torch
 from support import assert_close_to_scale, run_interpreted, with_lora
 
+from selftune.accel import decode_routing
 from selftune.accel.kernels import decode_attention
 from selftune.infer import static_decode
 
@@ -217,17 +218,17 @@ def test_other_attention_keeps_its_own_forward():
         )  # fmt: skip
     )
     for other in (qwen3, build_tiny_llama(100)):  # q/k norms; a head size of 8
-        assert decode_attention.route(other, decode_attention.Slot()) == 0
+        assert decode_routing.route_attention(other, decode_attention.Slot()) == 0
     model = tiny_model("llama", torch.float32, "cpu")
     ids = torch.tensor([[5, 6, 7]])
     slot = decode_attention.Slot()
     with torch.no_grad():
         want = model(input_ids=ids).logits
-        assert decode_attention.route(model, slot) == 2
+        assert decode_routing.route_attention(model, slot) == 2
         torch.testing.assert_close(model(input_ids=ids).logits, want)
         # one token outside a decoder step: the module's own forward, as it gave alone
         torch.testing.assert_close(model(input_ids=ids[:, :1]).logits, want[:, :1])
-    decode_attention.unroute(model)
+    decode_routing.unroute_attention(model)
     assert all("forward" not in m.__dict__ for m in model.modules())
 
 
@@ -260,7 +261,7 @@ def test_a_failing_kernel_falls_back_for_good(monkeypatch, caplog):
     monkeypatch.setattr(decode_attention, "attend", broken)
     slot = decode_attention.Slot(cache=types.SimpleNamespace(layers=[None, None]))
     slot.position = torch.tensor([[0]])
-    assert decode_attention.route(model, slot) == 2
+    assert decode_routing.route_attention(model, slot) == 2
     with torch.no_grad(), caplog.at_level("WARNING"):
         torch.testing.assert_close(model(input_ids=ids[:, :1]).logits, want)
         model(input_ids=ids[:, :1])
