@@ -201,7 +201,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.no_liger:
-        import selftune.accel.fast_path
+        import selftune.accel.liger
 
         selftune.accel.liger.apply_liger = lambda model: False
     if args.device.startswith("cuda:"):

@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from selftune.accel.kernels.decode_attention import Slot, attend, runs_on, supported
+from selftune.accel.kernels import decode_attention
+from selftune.accel.kernels.decode_attention import Slot
 from selftune.accel.kernels.lora import SHARED_INPUT
 from selftune.accel.kernels.stacked import SINGLE, Stack, build
 
@@ -21,7 +22,7 @@ def route_attention(model: Any, slot: Slot) -> int:
     `slot`; return how many took it. Replaces an earlier decoder's routing."""
     routed = 0
     for module in model.modules():
-        if supported(module):
+        if decode_attention.supported(module):
             current = module.__dict__.get("forward")
             if getattr(current, "_selftune_decode_attention", False):
                 current = current._selftune_fallback
@@ -56,7 +57,7 @@ def _attention_forward(module: Any, slot: Slot, previous: Any):
             or embeddings is None
             or hidden.shape[:-1] != (1, 1)
             or torch.is_grad_enabled()
-            or not runs_on(hidden.device)
+            or not decode_attention.runs_on(hidden.device)
         ):
             return own(*args, **kwargs)
         layers = getattr(slot.cache, "layers", [])
@@ -65,7 +66,7 @@ def _attention_forward(module: Any, slot: Slot, previous: Any):
         q, k, v = module.q_proj(hidden), module.k_proj(hidden), module.v_proj(hidden)
         cos, sin = embeddings
         try:
-            out = attend(
+            out = decode_attention.attend(
                 q, k, v, cos, sin, layers[module.layer_idx], slot.position, module.scaling,
                 module.head_dim,
             )  # fmt: skip

@@ -12,7 +12,7 @@ from typing import Any
 
 from selftune.args import EvalArgs, InferArgs
 from selftune.errors import SelftuneError
-from selftune.models.preload import import_in_thread, import_model_code
+from selftune.models import preload
 from selftune.models.readahead import start_readahead
 from selftune.models.resolve import resolve_model
 
@@ -111,7 +111,11 @@ def load_model(
     extra: dict[str, Any] = {"device_map": {"": device}} if device != "cpu" or quant_bits else {}
     if quant_bits:
         extra["quantization_config"] = nf4_config(dtype)
-    imports = import_in_thread(meanwhile) if meanwhile and import_model_code(folder) else None
+    imports = (
+        preload.import_in_thread(meanwhile)
+        if meanwhile and preload.import_model_code(folder)
+        else None
+    )
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **extra)
     except Exception as exc:

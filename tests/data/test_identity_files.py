@@ -10,7 +10,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "selftune"
 DATA = PACKAGE / "data"
-EVAL_DATA = PACKAGE / "eval_data"
+EVAL_DATA = PACKAGE / "infer" / "eval_data"
 LANGS = ("zh", "en")
 TOPICS = {
     "who",
