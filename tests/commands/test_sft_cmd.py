@@ -132,6 +132,7 @@ def last_logged_step(run_dir: Path) -> int:
     return json.loads(lines[-1])["step"] if lines else 0
 
 
+@pytest.mark.slow  # three runs of 60 steps, one killed mid-way
 def test_killed_run_resumes_to_the_same_weights(tiny_model_dir, tmp_path):
     whole = subprocess.run(
         train_cmd(tiny_model_dir, tmp_path / "whole"), capture_output=True, text=True, timeout=900
