@@ -140,6 +140,7 @@ def test_metadata_carries_tokenizer_and_template(tmp_path, merged_dirs, smol_tok
 
 def test_llama_cpp_chat_uses_the_trained_default_system(tmp_path, merged_dirs):
     """llama-cpp-python renders chats with the template in the GGUF metadata."""
+    pytest.importorskip("llama_cpp")
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     path = write_gguf(merged_dirs["llama"], tmp_path / "model-f16.gguf", "f16")
