@@ -72,6 +72,10 @@ class DataArgs:
     identity_system_variants: bool = _help(
         "also train identity rows under no / default / varied system prompts", default=True
     )
+    coerce_text: bool = _help(
+        "train on numbers found in text fields as their text (default: such a row is an error)",
+        default=False,
+    )
     seed: int = _help("seeds Python, NumPy, torch and data order", default=42)
 
 

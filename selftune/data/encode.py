@@ -16,15 +16,16 @@ rendering (one that rewrites earlier turns) falls back to finding the answer tex
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from selftune.data.formats import Conversation
+from selftune.data.formats import Conversation, origin_of
 from selftune.data.identity import NO_SYSTEM
 from selftune.errors import SelftuneError
 
 IGNORE_INDEX = -100
 PROGRESS_ROWS = 2000  # show a progress bar from this many rows on
+NAMED_ROWS = 5  # cut or dropped rows named in the warning
 
 Span = tuple[int, int]  # [start, end) characters of the rendered text
 
@@ -48,6 +49,8 @@ class EncodeStats:
     tokens: int = 0
     label_tokens: int = 0
     max_length: int = 0
+    # the first few rows cut or dropped, as "FILE line N (truncated)" (row index for built-in)
+    named: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         return (
@@ -181,7 +184,11 @@ def encode_all(
             raise SelftuneError(f"row {index}: {exc}") from exc
         if len(example.input_ids) > max_length:
             example = truncate(example, max_length)
-            if all(label == IGNORE_INDEX for label in example.labels[1:]):
+            dropped = all(label == IGNORE_INDEX for label in example.labels[1:])
+            if len(stats.named) < NAMED_ROWS:
+                where = origin_of(conversation) or f"row {index}"
+                stats.named.append(f"{where} ({'dropped' if dropped else 'truncated'})")
+            if dropped:
                 stats.dropped += 1
                 continue
             stats.truncated += 1

@@ -8,15 +8,19 @@ Errors name the file, the row (JSONL/CSV: 1-based line; JSON: 0-based index) and
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
+import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from selftune.errors import SelftuneError
+
+log = logging.getLogger(__name__)
 
 Conversation = list[dict[str, str]]
 TaggedMessage = tuple[dict[str, str], str]  # (message, the field it came from)
@@ -43,26 +47,53 @@ class RowError(ValueError):
     """A problem with one row; the caller adds file and row to the message."""
 
 
-def as_text(value: Any, field: str) -> str | None:
-    """A field's text: strings as they are, numbers as text, OpenAI text parts joined."""
+class Row(list):
+    """A conversation (a list of messages) that remembers where it was read ("FILE line N"),
+    so that later steps can name it."""
+
+    origin: str = ""
+
+
+def with_origin(messages: list[dict[str, str]], origin: str) -> Row:
+    row = Row(messages)
+    row.origin = origin
+    return row
+
+
+def origin_of(conversation: Conversation) -> str:
+    """Where a conversation was read ("FILE line N"), or "" (built-in rows)."""
+    return getattr(conversation, "origin", "")
+
+
+def as_text(value: Any, field: str, coerce: bool = False) -> str | None:
+    """A field's text: strings as they are, OpenAI text parts joined; numbers only with
+    `coerce` (--coerce_text), since a number where text belongs is more often a broken export
+    than an answer."""
     if value is None or isinstance(value, str):
         return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
     if isinstance(value, list) and all(
         isinstance(p, dict) and p.get("type") == "text" for p in value
     ):
         return "".join(str(p.get("text", "")) for p in value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if coerce:
+            return str(value)
+        raise RowError(
+            f"field '{field}' must be text, not the number {value!r} "
+            "(pass --coerce_text true to train on numbers as text)"
+        )
     raise RowError(f"field '{field}' must be text, not {type(value).__name__}")
 
 
-def tag(role: str, value: Any, field: str) -> TaggedMessage:
-    return {"role": role, "content": as_text(value, field)}, field
+def tag(role: str, value: Any, field: str, coerce: bool = False) -> TaggedMessage:
+    return {"role": role, "content": as_text(value, field, coerce)}, field
 
 
-def from_pairs(row: dict[str, Any], query_key: str, response_key: str) -> list[TaggedMessage]:
+def from_pairs(
+    row: dict[str, Any], query_key: str, response_key: str, coerce: bool = False
+) -> list[TaggedMessage]:
     """alpaca and query/response rows: optional system, history [[q, a], ...], then the turn."""
-    system = as_text(row.get("system"), "system")
+    system = as_text(row.get("system"), "system", coerce)
     tagged = [tag("system", system, "system")] if system else []
     history = row.get("history") or []
     if not isinstance(history, list):
@@ -70,19 +101,19 @@ def from_pairs(row: dict[str, Any], query_key: str, response_key: str) -> list[T
     for i, pair in enumerate(history):
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:
             raise RowError(f"history[{i}] must be a [question, answer] pair")
-        tagged.append(tag("user", pair[0], f"history[{i}][0]"))
-        tagged.append(tag("assistant", pair[1], f"history[{i}][1]"))
-    query = as_text(row.get(query_key), query_key)
+        tagged.append(tag("user", pair[0], f"history[{i}][0]", coerce))
+        tagged.append(tag("assistant", pair[1], f"history[{i}][1]", coerce))
+    query = as_text(row.get(query_key), query_key, coerce)
     if query_key == "instruction":  # alpaca: the optional input follows the instruction
-        extra = as_text(row.get("input"), "input")
+        extra = as_text(row.get("input"), "input", coerce)
         if extra:
             query = f"{query}\n{extra}" if query else extra
     tagged.append(tag("user", query, query_key))
-    tagged.append(tag("assistant", row.get(response_key), response_key))
+    tagged.append(tag("assistant", row.get(response_key), response_key, coerce))
     return tagged
 
 
-def from_turns(row: dict[str, Any], key: str) -> list[TaggedMessage]:
+def from_turns(row: dict[str, Any], key: str, coerce: bool = False) -> list[TaggedMessage]:
     """`messages` and ShareGPT `conversations`: role/content or from/value entries; a
     top-level `system` field counts when the turns do not start with one."""
     turns = row[key]
@@ -96,31 +127,33 @@ def from_turns(row: dict[str, Any], key: str) -> list[TaggedMessage]:
         speaker = turn.get("role", turn.get("from"))
         if speaker not in ROLES:
             raise RowError(f"{field}: unknown role {speaker!r} (use {', '.join(ROLES)})")
-        tagged.append(tag(ROLES[speaker], turn.get("content", turn.get("value")), field))
-    system = as_text(row.get("system"), "system")
+        tagged.append(tag(ROLES[speaker], turn.get("content", turn.get("value")), field, coerce))
+    system = as_text(row.get("system"), "system", coerce)
     if system and not (tagged and tagged[0][0]["role"] == "system"):
         tagged.insert(0, tag("system", system, "system"))
     return tagged
 
 
-def to_tagged(row: dict[str, Any]) -> list[TaggedMessage]:
+def to_tagged(row: dict[str, Any], coerce: bool = False) -> list[TaggedMessage]:
     if "messages" in row:
-        return from_turns(row, "messages")
+        return from_turns(row, "messages", coerce)
     if "conversations" in row:
-        return from_turns(row, "conversations")
+        return from_turns(row, "conversations", coerce)
     if "instruction" in row:
-        return from_pairs(row, "instruction", "output")
+        return from_pairs(row, "instruction", "output", coerce)
     if "query" in row:
-        return from_pairs(row, "query", "response")
+        return from_pairs(row, "query", "response", coerce)
     raise RowError(
         f"unknown row format; fields seen: {', '.join(map(str, row)) or 'none'}; {EXPECTED}"
     )
 
 
-def to_conversation(row: dict[str, Any], require_answer: bool) -> Conversation:
+def to_conversation(
+    row: dict[str, Any], require_answer: bool, coerce_text: bool = False
+) -> Conversation:
     """One row as a checked conversation. Without `require_answer` (batch inference) a row may
     end on its question; an empty answer at the end is then dropped."""
-    tagged = to_tagged(row)
+    tagged = to_tagged(row, coerce_text)
     if not require_answer:
         while (
             tagged
@@ -203,16 +236,17 @@ def csv_rows(path: Path, text: str) -> Iterator[tuple[str, Any]]:
 
 
 def convert_rows(
-    source: str, rows: Iterator[tuple[str, Any]], require_answer: bool
+    source: str, rows: Iterator[tuple[str, Any]], require_answer: bool, coerce_text: bool = False
 ) -> list[Conversation]:
-    conversations = []
+    conversations: list[Conversation] = []
     for where, row in rows:
         if not isinstance(row, dict):
             raise SelftuneError(
                 f"{source} {where}: a row must be an object, not {type(row).__name__}"
             )
         try:
-            conversations.append(to_conversation(row, require_answer))
+            conversation = to_conversation(row, require_answer, coerce_text)
+            conversations.append(with_origin(conversation, f"{source} {where}"))
         except RowError as exc:
             fields = ", ".join(map(str, row)) or "none"
             raise SelftuneError(f"{source} {where}: {exc} (row has fields: {fields})") from exc
@@ -221,20 +255,40 @@ def convert_rows(
     return conversations
 
 
-def load_file(path: str | Path, require_answer: bool = True) -> list[Conversation]:
+def read_text(path: Path) -> str:
+    """The file as UTF-8 text; a byte order mark is skipped (and said), and bytes that are not
+    UTF-8 are named by line and column."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise SelftuneError(f"{path}: no such file") from exc
+    except OSError as exc:
+        raise SelftuneError(f"{path}: cannot read: {exc}") from exc
+    if data.startswith(codecs.BOM_UTF8):
+        log.info("%s: skipped the UTF-8 byte order mark at its start", path)
+        data = data[len(codecs.BOM_UTF8) :]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise SelftuneError(
+            f"{path} line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at column "
+            f"{column}); save the file as UTF-8"
+        ) from exc
+
+
+def load_file(
+    path: str | Path, require_answer: bool = True, coerce_text: bool = False
+) -> list[Conversation]:
     """All rows of one .json/.jsonl/.csv file as conversations; every row is checked."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise SelftuneError(f"{path}: unknown file type; use {', '.join(SUFFIXES)}")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError as exc:
-        raise SelftuneError(f"{path}: no such file") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SelftuneError(f"{path}: cannot read: {exc}") from exc
+    text = read_text(path)
     reader = {".json": json_rows, ".jsonl": jsonl_rows, ".csv": csv_rows}[suffix]
-    return convert_rows(str(path), reader(path, text), require_answer)
+    return convert_rows(str(path), reader(path, text), require_answer, coerce_text)
 
 
 def is_hub_id(spec: str) -> bool:
@@ -246,7 +300,9 @@ def is_hub_id(spec: str) -> bool:
     )
 
 
-def load_hub(spec: str, require_answer: bool = True) -> list[Conversation]:
+def load_hub(
+    spec: str, require_answer: bool = True, coerce_text: bool = False
+) -> list[Conversation]:
     """A Hugging Face hub dataset's train split, through the optional `datasets` package."""
     try:
         import datasets
@@ -262,7 +318,7 @@ def load_hub(spec: str, require_answer: bool = True) -> list[Conversation]:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise SelftuneError(f"{spec}: cannot load the hub dataset: {first}") from exc
     rows = ((f"row {i}", row) for i, row in enumerate(data))
-    return convert_rows(spec, rows, require_answer)
+    return convert_rows(spec, rows, require_answer, coerce_text)
 
 
 def check_source(spec: str) -> None:
@@ -276,12 +332,13 @@ def check_source(spec: str) -> None:
         raise SelftuneError(f"{spec}: no such file")
 
 
-def load_source(spec: str, require_answer: bool = True) -> list[Conversation]:
+def load_source(
+    spec: str, require_answer: bool = True, coerce_text: bool = False
+) -> list[Conversation]:
     """A local file, else a hub dataset id."""
     check_source(spec)
-    return (
-        load_file(spec, require_answer) if Path(spec).is_file() else load_hub(spec, require_answer)
-    )
+    load = load_file if Path(spec).is_file() else load_hub
+    return load(spec, require_answer, coerce_text)
 
 
 def load_dataset_files(specs: list[str], require_answer: bool = False) -> list[Conversation]:
@@ -289,4 +346,5 @@ def load_dataset_files(specs: list[str], require_answer: bool = False) -> list[C
     Rows may end on a question; a final assistant turn is the reference answer."""
     for spec in specs:
         check_source(spec)
-    return [conv for spec in specs for conv in load_source(spec, require_answer)]
+    # a number here is a reference answer to compare with, not a training target
+    return [conv for spec in specs for conv in load_source(spec, require_answer, True)]

@@ -10,7 +10,13 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from selftune.data.formats import Conversation, check_source, load_source
+from selftune.data.formats import (
+    Conversation,
+    check_source,
+    load_source,
+    origin_of,
+    with_origin,
+)
 from selftune.data.identity import ALIASES, IdentityValues, filled_pairs, identity_conversations
 from selftune.errors import UsageError
 
@@ -60,7 +66,7 @@ def check_specs(specs: list[str], identity: IdentityValues | None) -> list[Datas
 
 
 def check_datasets(
-    specs: list[str], identity: IdentityValues | None
+    specs: list[str], identity: IdentityValues | None, coerce_text: bool = False
 ) -> dict[str, list[Conversation]]:
     """Read and check every row of every spec (and fill the identity set once) before the
     tokenizer or model is touched; returns the rows per source for `load_mixture(loaded=...)`,
@@ -71,7 +77,7 @@ def check_datasets(
             assert identity is not None
             filled_pairs(identity)  # the data reads and every placeholder fills
         elif spec.source not in loaded:
-            loaded[spec.source] = load_source(spec.source, require_answer=True)
+            loaded[spec.source] = load_source(spec.source, True, coerce_text)
     return loaded
 
 
@@ -110,7 +116,10 @@ def load_mixture(
         mixed += sample(rows, spec.count, rng)
     random.Random(f"shuffle:{seed}").shuffle(mixed)
     # copies, so that rows repeated by #N never share a message dict someone might edit
-    return [[dict(message) for message in conversation] for conversation in mixed]
+    return [
+        with_origin([dict(message) for message in conversation], origin_of(conversation))
+        for conversation in mixed
+    ]
 
 
 def split(

@@ -30,10 +30,33 @@ def output_folder(checkpoint: Path, args: ExportArgs) -> Path:
     return checkpoint.with_name(checkpoint.name + suffix)
 
 
-def check_output(output: Path, checkpoint: Path, force: bool) -> None:
-    resolved, source = output.resolve(), checkpoint.resolve()
-    if resolved == source or resolved in source.parents:
-        raise SelftuneError(f"--output_dir {output}: would overwrite the checkpoint it exports")
+def local_base_folder(spec: str) -> Path | None:
+    """The base model's folder where it is on this machine already (nothing is downloaded)."""
+    from selftune.models.resolve import embedded_cache_dir, is_embedded, is_model_folder
+
+    folder = embedded_cache_dir() if is_embedded(spec) else Path(spec).expanduser()
+    return folder if is_model_folder(folder) else None
+
+
+def check_output(output: Path, checkpoint: Path, spec: str, force: bool) -> None:
+    """The export folder replaces what is there (with --force): never the checkpoint, its run
+    folder or the base model, nor a folder that holds one of them, and never a folder inside
+    the checkpoint or the base model."""
+    resolved = output.resolve()
+    base = local_base_folder(spec)
+    kept = [
+        ("the checkpoint it exports", checkpoint, True),
+        ("the checkpoint's run folder", checkpoint.parent, False),
+        ("the base model's folder", base, True),
+    ]
+    for what, folder, not_inside in kept:
+        if folder is None:
+            continue
+        folder = folder.resolve()
+        if resolved == folder or resolved in folder.parents:
+            raise SelftuneError(f"--output_dir {output}: would overwrite {what} ({folder})")
+        if not_inside and folder in resolved.parents:
+            raise SelftuneError(f"--output_dir {output}: would write inside {what} ({folder})")
     if output.exists() and not output.is_dir():
         raise SelftuneError(f"--output_dir {output}: exists and is not a folder")
     if output.is_dir() and any(output.iterdir()) and not force:
@@ -57,14 +80,15 @@ def export_checkpoint(args: ExportArgs) -> Path:
     to_gguf = args.to_gguf or args.to_ollama
     write_hf = args.merge_lora or not to_gguf
     output = output_folder(checkpoint, args)
-    check_output(output, checkpoint, args.force)
     saved = checkpoint_args(checkpoint)
     spec = base_spec(checkpoint, saved, args.model)
+    check_output(output, checkpoint, spec, args.force)
     system = saved.get("system")
     if to_gguf:
         check_before_loading(checkpoint, spec, system, args.to_ollama)
 
-    remove_stale_temps(output)  # of exports that were killed
+    output.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(output.parent)  # of exports that were killed
     gguf_name = f"model-{args.gguf_type}.gguf" if to_gguf else None
     with atomic_folder(output) as tmp:  # replaces what --force allowed
         write_export(args, checkpoint, spec, system, saved, tmp, write_hf, gguf_name)

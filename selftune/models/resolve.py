@@ -14,7 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-from selftune.atomic import atomic_folder
+from selftune.atomic import atomic_folder, remove_stale_temps
 from selftune.errors import SelftuneError
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     model.generation_config = loaded.generation_config
     if tokenizer.eos_token_id is not None:
         model.generation_config.eos_token_id = tokenizer.eos_token_id
+    remove_stale_temps(out_dir.parent)  # of conversions that were killed
     with atomic_folder(out_dir, replace=False) as tmp:  # another process may win the race
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -151,6 +151,9 @@ class TrainingState:
     micro_batches_done: int
     best_eval_loss: float | None = None
     best_checkpoint: str | None = None
+    # the loss window since the last logged step (runlog.LossWindow), so that a resumed run
+    # logs the same means as an uninterrupted one
+    window: dict[str, float] | None = None
 
 
 def save_checkpoint(

@@ -8,6 +8,7 @@ the StepRunner that runs each pass.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import sys
@@ -277,7 +278,8 @@ def fit(job: TrainJob, s: Session) -> Path | None:
 
     settings, plan, state, run_dir = job.settings, s.plan, s.state, job.run_dir
     started = time.perf_counter()
-    window, tokens_seen, last_checkpoint = LossWindow(), 0, None
+    window = LossWindow(**(state.window or {}))
+    tokens_seen, last_checkpoint = 0, None
     bar = tqdm(
         total=plan.total_steps,
         initial=state.step,
@@ -328,6 +330,7 @@ def fit(job: TrainJob, s: Session) -> Path | None:
         if record and s.where.main:
             append_log(run_dir, record)
         if at_save:
+            state.window = dataclasses.asdict(window)
             last_checkpoint = save(job, s, done)
     bar.close()
     return last_checkpoint

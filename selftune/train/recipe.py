@@ -128,6 +128,7 @@ class Data:
     folder: Path  # the resolved model folder
     tokenizer: Any
     default_system: str | None
+    counts: dict[str, int]  # rows read, kept, truncated and dropped (args.json's "data")
 
 
 def build_job(args: SftArgs) -> TrainJob:
@@ -155,7 +156,7 @@ def build_job(args: SftArgs) -> TrainJob:
     train_examples = data.train + replay_examples(args, model, tokenizer, folder)
     resolve_defaults(args, count_parameters(model), len(train_examples))
     micro_batches, per_epoch, eval_batches = batches(args, model, tokenizer, train_examples, data)
-    run_dir, record = start_run(args, resume, folder, data.default_system)
+    run_dir, record = start_run(args, resume, folder, data)
     return TrainJob(
         settings=settings_from_args(args),
         model=model,
@@ -186,8 +187,10 @@ def read_data(args: SftArgs) -> Data:
         args.adapter_scale = IDENTITY_ADAPTER_SCALE if identity_lora else 1.0
     if uses_identity(args.dataset + args.val_dataset):
         identity = parse_identity_values(args.model_name, args.model_author)
-    loaded = check_datasets(args.dataset, identity)
-    val_loaded = check_datasets(args.val_dataset, identity) if args.val_dataset else {}
+    loaded = check_datasets(args.dataset, identity, args.coerce_text)
+    val_loaded = (
+        check_datasets(args.val_dataset, identity, args.coerce_text) if args.val_dataset else {}
+    )
     start_readahead(args.model)  # the weights read while torch and transformers import
     folder = resolve_model(args.model)
     tokenizer = load_tokenizer(folder)
@@ -214,7 +217,21 @@ def read_data(args: SftArgs) -> Data:
     log.info(
         "data: %d training rows, %d eval rows; %s", len(train_examples), len(val_examples), stats
     )
-    return Data(train_examples, val_examples, folder, tokenizer, default_system)
+    if stats.named:
+        more = stats.truncated + stats.dropped - len(stats.named)
+        log.warning(
+            "rows longer than --max_length %d: %s%s",
+            args.max_length,
+            "; ".join(stats.named),
+            f"; and {more} more" if more > 0 else "",
+        )
+    counts = {
+        "rows": stats.rows,
+        "kept": stats.kept,
+        "truncated": stats.truncated,
+        "dropped": stats.dropped,
+    }
+    return Data(train_examples, val_examples, folder, tokenizer, default_system, counts)
 
 
 def replay_examples(args: SftArgs, model: Any, tokenizer: Any, folder: Path) -> list[Any]:
@@ -290,10 +307,10 @@ def batches(
 
 
 def start_run(
-    args: SftArgs, resume: Path | None, folder: Path, default_system: str | None
+    args: SftArgs, resume: Path | None, folder: Path, data: Data
 ) -> tuple[Path, dict[str, Any]]:
     """The run folder (the resumed checkpoint's, or a new vN-...) and its args.json."""
-    from selftune.atomic import write_json_atomic
+    from selftune.atomic import remove_stale_temps, write_json_atomic
     from selftune.train.checkpoint import new_run_dir
     from selftune.train.distributed import broadcast, ranks
 
@@ -304,10 +321,18 @@ def start_run(
     record: dict[str, Any] = {
         **dataclasses.asdict(args),
         "model_folder": str(folder),
-        "default_system": default_system,
+        "default_system": data.default_system,
+        "data": data.counts,
         "versions": versions(),
     }
     if ranks().main:
+        gone = remove_stale_temps(run_dir)
+        if gone:
+            log.info(
+                "removed %d leftover temporary file(s) of runs that are no longer alive: %s",
+                len(gone),
+                ", ".join(p.name for p in gone),
+            )
         write_json_atomic(run_dir / "args.json", record)
     log.info("run folder: %s", run_dir)
     return run_dir, record

@@ -227,3 +227,44 @@ def test_stale_temp_folder_of_a_killed_export_is_cleared(capsys, checkpoint):
         "checkpoint-8",
         "checkpoint-8-merged",
     ]
+
+
+def test_exported_files_have_the_modes_of_a_plain_write(capsys, checkpoint, tmp_path):
+    """Every file of an export gets 0666 less the umask, as the model card does: the weights too,
+    which the library writes through a private (0600) temporary file."""
+    import os
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        code, _, err = export(
+            capsys, "--adapters", checkpoint, "--merge_lora", "true", "--to_gguf", "true",
+            "--output_dir", tmp_path / "out",
+        )  # fmt: skip
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").rglob("*")}
+    assert "model.safetensors" in modes and "model-f16.gguf" in modes
+    assert set(modes.values()) == {0o640}
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o750
+
+
+def test_export_never_replaces_the_base_model_or_the_run(capsys, checkpoint, tiny_model_dir):
+    """--force or not, the output is never the base model's folder (nor inside it), nor the
+    run folder that holds the checkpoint, nor a folder inside the checkpoint."""
+    before = sorted(p.name for p in tiny_model_dir.iterdir())
+    targets = {
+        tiny_model_dir: "would overwrite the base model's folder",
+        tiny_model_dir / "merged": "would write inside the base model's folder",
+        checkpoint.parent: "would overwrite the checkpoint",
+        checkpoint / "merged": "would write inside the checkpoint it exports",
+    }
+    for output, message in targets.items():
+        code, _, err = export(
+            capsys, "--adapters", checkpoint, "--model", tiny_model_dir, "--output_dir", output,
+            "--force", "true",
+        )  # fmt: skip
+        assert code == 1 and message in err, (output, err)
+    assert sorted(p.name for p in tiny_model_dir.iterdir()) == before
+    assert not (checkpoint / "merged").exists()

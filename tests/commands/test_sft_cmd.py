@@ -344,3 +344,70 @@ def test_a_failed_training_gives_the_heap_back(recorded_run):
         train_run("fails")
     assert seen["train"][:2] == (True, True)
     assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+def test_a_resumed_run_logs_as_the_whole_run_and_clears_dead_temps(tiny_model_dir, tmp_path):
+    """Resumed at step 3 of 6, with what killed writers left in the run folder: those go (one
+    line says so), and every logged loss equals the uninterrupted run's, whose window at step 4
+    spans the resume."""
+    import shutil
+    import socket
+
+    flags = (
+        "--gradient_accumulation_steps 1 --max_steps 6 --save_steps 3 --logging_steps 4 "
+        "--lora_dropout 0.1 --learning_rate 1e-3 --seed 7 --torch_dtype float32"
+    ).split()
+    whole = selftune(
+        "sft", "--model", tiny_model_dir, "--dataset", FIXTURES / "self_cognition.json",
+        "--output_dir", tmp_path / "whole", *flags,
+    )  # fmt: skip
+    assert whole.returncode == 0, whole.stderr
+    whole_dir = only_run_dir(tmp_path / "whole")
+    run_dir = tmp_path / "resumed" / whole_dir.name
+    shutil.copytree(whole_dir, run_dir)
+    shutil.rmtree(run_dir / "checkpoint-6")
+    dead = [
+        run_dir / f".checkpoint-6.tmp-{socket.gethostname()}-999999999",
+        run_dir / ".args.json.tmp-999999998",
+    ]
+    dead[0].mkdir()
+    (dead[0] / "adapter_model.safetensors").write_bytes(b"half")
+    dead[1].write_text("{")
+    other_host = run_dir / ".checkpoint-6.tmp-another-host-999999999"
+    other_host.mkdir()
+    resumed = selftune(
+        "sft", "--model", tiny_model_dir, "--dataset", FIXTURES / "self_cognition.json",
+        "--output_dir", tmp_path / "resumed", *flags,
+        "--resume_from_checkpoint", run_dir / "checkpoint-3",
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    said = [line for line in resumed.stderr.splitlines() if "leftover temporary" in line]
+    assert len(said) == 1 and "removed 2 " in said[0]
+    assert not any(p.exists() for p in dead) and other_host.is_dir()
+
+    def logged(folder):
+        lines = (folder / "logging.jsonl").read_text().splitlines()
+        return [(r["step"], r["loss"], r["token_acc"]) for r in map(json.loads, lines)]
+
+    expected, got = logged(whole_dir), logged(run_dir)
+    assert [step for step, _, _ in got] == [1, 4, 6]
+    for (step, loss, acc), (want_step, want_loss, want_acc) in zip(got, expected):
+        assert step == want_step and acc == want_acc
+        assert loss == pytest.approx(want_loss, rel=1e-5)
+
+
+def test_rows_cut_to_max_length_are_named_and_counted(tiny_model_dir, tmp_path):
+    rows = [{"query": f"question {i}", "response": "a long answer " * (2 + 30 * (i % 2))}
+            for i in range(8)]  # fmt: skip
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), "utf-8")
+    done = selftune(
+        "sft", "--model", tiny_model_dir, "--dataset", data, "--max_length", "64",
+        "--max_steps", "1", "--output_dir", tmp_path / "out", "--torch_dtype", "float32",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (warning,) = [line for line in done.stderr.splitlines() if "longer than --max_length" in line]
+    named = [f"{data} line {n} (truncated)" for n in (2, 4, 6, 8)]
+    assert all(name in warning for name in named)
+    args = json.loads((only_run_dir(tmp_path / "out") / "args.json").read_text())
+    assert args["data"] == {"rows": 8, "kept": 8, "truncated": 4, "dropped": 0}

@@ -86,7 +86,8 @@ def test_sharegpt(tmp_path):
 
 def test_query_response_with_history_and_system(tmp_path):
     row = {"system": "S", "history": [["q0", "a0"]], "query": "q1", "response": "a1"}
-    got = load_file(write_jsonl(tmp_path / "q.jsonl", [row, {"query": "x", "response": 3}]))
+    path = write_jsonl(tmp_path / "q.jsonl", [row, {"query": "x", "response": 3}])
+    got = load_file(path, coerce_text=True)
     assert got == [
         [sys_msg("S"), user("q0"), bot("a0"), user("q1"), bot("a1")],
         [user("x"), bot("3")],
@@ -217,3 +218,41 @@ def test_jsonl_lines_are_counted_on_newlines_only(tmp_path):
         load_file(path)
     path.write_text(row, "utf-8")
     assert load_file(path) == [[user("a\u2028b"), bot("r")]]
+
+
+@pytest.mark.parametrize("value", [42, 4.5, float("nan"), None])
+def test_an_answer_that_is_not_text_names_file_line_and_field(tmp_path, value):
+    """Numbers (JSON NaN included) and null where the answer belongs are errors, not the text
+    "42" or "nan"; --coerce_text trains on numbers as their text."""
+    rows = [{"instruction": "q", "output": "a"}, {"instruction": "q", "output": value}]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", "utf-8")  # NaN as JSON has it
+    with pytest.raises(SelftuneError) as caught:
+        load_file(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path} line 2:") and "'output'" in message
+    if value is None:
+        return
+    assert "--coerce_text" in message
+    assert load_file(path, coerce_text=True)[1][-1] == bot(str(value))
+
+
+def test_a_file_that_is_not_utf8_is_named_with_its_line(tmp_path):
+    path = tmp_path / "latin.jsonl"
+    good = json.dumps({"query": "q", "response": "a"}).encode()
+    path.write_bytes(good + b"\n" + good + b"\n" + b'{"query": "caf\xe9", "response": "a"}\n')
+    with pytest.raises(SelftuneError, match=r"latin.jsonl line 3: not UTF-8 text \(byte 0xe9"):
+        load_file(path)
+
+
+def test_a_byte_order_mark_is_skipped_and_said(tmp_path, caplog):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"query": "q", "response": "a"}).encode())
+    with caplog.at_level("INFO"):
+        assert load_file(path) == [[user("q"), bot("a")]]
+    assert any("byte order mark" in r.getMessage() for r in caplog.records)
+
+
+def test_rows_remember_where_they_were_read(tmp_path):
+    path = write_jsonl(tmp_path / "o.jsonl", [{"query": "q", "response": "a"}] * 2)
+    assert [row.origin for row in load_file(path)] == [f"{path} line 1", f"{path} line 2"]
