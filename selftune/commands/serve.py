@@ -8,7 +8,7 @@ from pathlib import Path
 
 from selftune.args import ServeArgs
 from selftune.errors import SelftuneError, UsageError
-from selftune.models.load import checkpoint_args, load_model
+from selftune.models.load import check_finite_weights, checkpoint_args, load_model
 
 ARGS = ServeArgs
 log = logging.getLogger(__name__)
@@ -61,6 +61,8 @@ def run(args: ServeArgs) -> int:
     from selftune.serve.engine import Engine, ServedModel, load_adapters
 
     checkpoints = adapter_checkpoints(args.adapters)
+    for checkpoint in checkpoints.values():  # before the port opens and the model loads
+        check_finite_weights(checkpoint)
     spec = args.model
     if not spec and checkpoints:
         spec = checkpoint_args(next(iter(checkpoints.values()))).get("model")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from selftune.errors import SelftuneError
+from selftune.models.load import check_finite_weights
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ def check_checkpoint(checkpoint: Path) -> None:
         raise SelftuneError(
             f"--adapters {checkpoint}: not a checkpoint (no adapter_config.json or config.json)"
         )
+    check_finite_weights(checkpoint)
 
 
 def base_spec(checkpoint: Path, saved: dict[str, Any], model: str | None) -> str:

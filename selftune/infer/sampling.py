@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from selftune.args import GenerationArgs
+from selftune.errors import SelftuneError
 
 
 @dataclass
@@ -44,11 +45,24 @@ def sampling_from_args(args: GenerationArgs, generation_config: Any = None) -> S
     )
 
 
+def check_finite_logits(logits: torch.Tensor) -> None:
+    """Raise unless every row's logits are finite: a NaN or inf anywhere in a row makes its
+    maximum non-finite, so one small reduction tells."""
+    if not bool(torch.isfinite(logits.amax(dim=-1)).all()):
+        raise SelftuneError(
+            "the model gave non-finite logits (NaN or inf): its weights are broken, as after a "
+            "fine-tune that diverged; nothing was generated from them"
+        )
+
+
 def pick_next(
     logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams, generator: Any
 ) -> torch.Tensor:
-    """Next token per row from last-position logits (rows x vocab)."""
+    """Next token per row from last-position logits (rows x vocab). Logits that are not finite
+    (NaN or inf, a diverged fine-tune) stop the generation with an error, where picking from
+    them would print empty or garbled text as if all were well."""
     logits = logits.float()
+    check_finite_logits(logits)
     if params.repetition_penalty != 1.0:
         picked = logits.gather(1, seen)
         picked = torch.where(

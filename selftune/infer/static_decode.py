@@ -27,7 +27,7 @@ import torch
 
 from selftune.accel import decode_routing
 from selftune.accel.kernels import decode_attention
-from selftune.infer.sampling import pick_next
+from selftune.infer.sampling import check_finite_logits, pick_next
 
 log = logging.getLogger(__name__)
 
@@ -376,6 +376,7 @@ def static_steps(
             return
         logits, next_id = decoder.replay(bucket, state)
         if greedy:
+            check_finite_logits(logits)
             token = next_id
         else:
             seen = torch.cat([seen, token.view(1, 1)], dim=1)

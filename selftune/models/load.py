@@ -136,6 +136,24 @@ def load_model(
     return model, tokenizer, folder
 
 
+def check_finite_weights(checkpoint: Path) -> None:
+    """Refuse, in one line, a checkpoint whose saved weights hold a NaN or an infinity: they
+    would answer with empty text or garbage as if all were well."""
+    from safetensors import safe_open
+
+    adapter = checkpoint / "adapter_model.safetensors"
+    files = [adapter] if adapter.is_file() else sorted(checkpoint.glob("model*.safetensors"))
+    for path in files:
+        with safe_open(str(path), framework="pt") as weights:
+            for name in weights.keys():
+                tensor = weights.get_tensor(name)
+                if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+                    raise SelftuneError(
+                        f"{checkpoint}: its weights are not finite (NaN or inf in {name}): the "
+                        "run that saved it diverged; use an earlier checkpoint"
+                    )
+
+
 def checkpoint_args(checkpoint: Path) -> dict[str, Any]:
     """The training arguments saved with a checkpoint (its own args.json, else its run's)."""
     import json
@@ -171,6 +189,7 @@ def load_for_inference(args: InferArgs | EvalArgs, merge_lora: bool = False) -> 
             and not (adapter / "config.json").is_file()
         ):
             raise SelftuneError(f"--adapters {adapter}: not a checkpoint (no adapter_config.json)")
+        check_finite_weights(adapter)
     saved = checkpoint_args(adapters[0]) if adapters else {}
     spec = args.model or saved.get("model")
     if not spec:

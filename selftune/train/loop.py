@@ -288,51 +288,50 @@ def fit(job: TrainJob, s: Session) -> Path | None:
         file=sys.stderr,
         disable=not s.where.main,
     )
-    for step, epoch, group in step_groups(job.train_batches, plan, settings.seed, state.step):
-        result = train_step(s, group, settings.max_grad_norm)
-        step_loss, n_tokens = result.loss_sum, result.label_tokens
-        if not math.isfinite(step_loss):  # these weights are never saved: the run stops here
-            good = list_checkpoints(run_dir)
-            hint = f"; the last good checkpoint is {good[-1][1]}" if good else ""
-            raise SelftuneError(f"the loss became {step_loss} at step {step + 1}{hint}")
-        window.add(step_loss, n_tokens, result.correct)
-        tokens_seen += result.input_tokens
-        done = step + 1
-        state.step, state.epoch = done, epoch
-        elapsed = time.perf_counter() - started
-        lr = s.scheduler.get_last_lr()[0]
-        bar.set_postfix(
-            loss=f"{step_loss / max(1, n_tokens):.4f}",
-            lr=f"{lr:.2e}",
-            tok_s=f"{tokens_seen / elapsed:.0f}",
-        )
-        bar.update(1)
-        record: dict[str, Any] = {}
-        if done % settings.logging_steps == 0 or done == 1 or done == plan.total_steps:
-            record = {
-                **window.take(),
-                "grad_norm": round(result.grad_norm, 6),
-                "learning_rate": lr,
-                "epoch": round(epoch, 4),
-                "step": done,
-                "elapsed": round(elapsed, 3),
-                "tokens_per_s": round(tokens_seen / elapsed, 1),
-                "memory_gib": round(memory_gib(s.device), 3),
-            }
-        at_save = done % plan.save_steps == 0 or done == plan.total_steps
-        if job.eval_batches and (done % plan.eval_steps == 0 or done == plan.total_steps):
-            eval_loss, eval_acc = evaluate_session(job, s)
-            record.update(
-                step=done, eval_loss=round(eval_loss, 6), eval_token_acc=round(eval_acc, 6)
+    with bar:  # closed (its line ended) before an error is printed
+        for step, epoch, group in step_groups(job.train_batches, plan, settings.seed, state.step):
+            result = train_step(s, group, settings.max_grad_norm)
+            step_loss, n_tokens = result.loss_sum, result.label_tokens
+            if not math.isfinite(step_loss):  # these weights are never saved: the run stops here
+                # the weights that gave this loss are the previous step's: its checkpoint is bad too
+                raise diverged(run_dir, f"the loss became {step_loss} at step {step + 1}", step)
+            window.add(step_loss, n_tokens, result.correct)
+            tokens_seen += result.input_tokens
+            done = step + 1
+            state.step, state.epoch = done, epoch
+            elapsed = time.perf_counter() - started
+            lr = s.scheduler.get_last_lr()[0]
+            bar.set_postfix(
+                loss=f"{step_loss / max(1, n_tokens):.4f}",
+                lr=f"{lr:.2e}",
+                tok_s=f"{tokens_seen / elapsed:.0f}",
             )
-            if at_save and (state.best_eval_loss is None or eval_loss < state.best_eval_loss):
-                state.best_eval_loss, state.best_checkpoint = eval_loss, f"checkpoint-{done}"
-        if record and s.where.main:
-            append_log(run_dir, record)
-        if at_save:
-            state.window = dataclasses.asdict(window)
-            last_checkpoint = save(job, s, done)
-    bar.close()
+            bar.update(1)
+            record: dict[str, Any] = {}
+            if done % settings.logging_steps == 0 or done == 1 or done == plan.total_steps:
+                record = {
+                    **window.take(),
+                    "grad_norm": round(result.grad_norm, 6),
+                    "learning_rate": lr,
+                    "epoch": round(epoch, 4),
+                    "step": done,
+                    "elapsed": round(elapsed, 3),
+                    "tokens_per_s": round(tokens_seen / elapsed, 1),
+                    "memory_gib": round(memory_gib(s.device), 3),
+                }
+            at_save = done % plan.save_steps == 0 or done == plan.total_steps
+            if job.eval_batches and (done % plan.eval_steps == 0 or done == plan.total_steps):
+                eval_loss, eval_acc = evaluate_session(job, s)
+                record.update(
+                    step=done, eval_loss=round(eval_loss, 6), eval_token_acc=round(eval_acc, 6)
+                )
+                if at_save and (state.best_eval_loss is None or eval_loss < state.best_eval_loss):
+                    state.best_eval_loss, state.best_checkpoint = eval_loss, f"checkpoint-{done}"
+            if record and s.where.main:
+                append_log(run_dir, record)
+            if at_save:
+                state.window = dataclasses.asdict(window)
+                last_checkpoint = save(job, s, done)
     return last_checkpoint
 
 
@@ -341,9 +340,40 @@ def evaluate_session(job: TrainJob, s: Session) -> tuple[float, float]:
         return evaluate(s.step_model, [to_device(b, s.device) for b in job.eval_batches])
 
 
+def diverged(run_dir: Path, what: str, before_step: int) -> SelftuneError:
+    """The error that stops a diverged run, naming the newest checkpoint saved before
+    `before_step`: the last whose weights gave a finite loss."""
+    good = [path for step, path in list_checkpoints(run_dir) if step < before_step]
+    hint = f"the last good checkpoint is {good[-1]}" if good else "no good checkpoint was saved"
+    later = [path.name for step, path in list_checkpoints(run_dir) if step >= before_step]
+    if later:
+        hint += f" ({', '.join(later)} holds the weights that diverged: do not use it)"
+    return SelftuneError(f"{what}; {hint}")
+
+
+def non_finite(tensors: list[torch.Tensor]) -> int:
+    """How many of `tensors` hold a NaN or an infinity (each rank's own shard)."""
+    bad = 0
+    for tensor in tensors:
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        bad += int(not bool(torch.isfinite(local).all()))
+    return bad
+
+
+def check_finite(s: Session, run_dir: Path, step: int) -> None:
+    """A checkpoint is written only from finite weights and optimizer state."""
+    state = [t for entry in s.optimizer.state.values() for t in entry.values()]
+    tensors = s.trainable + [t for t in state if torch.is_tensor(t) and t.is_floating_point()]
+    (bad,) = all_sum([float(non_finite(tensors))])
+    if bad:
+        what = f"the weights or optimizer state became non-finite (NaN or inf) at step {step}"
+        raise diverged(run_dir, what, step)
+
+
 def save(job: TrainJob, s: Session, step: int) -> Path:
     """checkpoint-STEP, then the rotation to --save_total_limit."""
     settings = job.settings
+    check_finite(s, job.run_dir, step)
     path = save_checkpoint(
         job.run_dir,
         step,

@@ -61,3 +61,29 @@ def test_help_lists_working_verbs():
     done = selftune("--help")
     assert done.returncode == 0
     assert "infer" in done.stdout and "identity" in done.stdout
+
+
+def test_checkpoints_with_non_finite_weights_are_refused_in_one_line(tmp_path, tiny_model_dir):
+    """infer, eval, serve and export each refuse a checkpoint whose weights hold a NaN, before
+    any model loads."""
+    from safetensors.torch import load_file, save_file
+    from support import make_adapter_checkpoint
+
+    checkpoint = make_adapter_checkpoint(tiny_model_dir, tmp_path / "run" / "checkpoint-4")
+    path = checkpoint / "adapter_model.safetensors"
+    weights = load_file(path)
+    name = sorted(weights)[0]
+    weights[name][0, 0] = float("nan")
+    save_file(weights, path)
+    commands = {
+        "infer": ["infer", "--adapters", checkpoint],
+        "eval": ["eval", "--adapters", checkpoint],
+        "serve": ["serve", "--model", tiny_model_dir, "--adapters", f"x={checkpoint}", "--port", 0],
+        "export": ["export", "--adapters", checkpoint],
+    }
+    for verb, argv in commands.items():
+        done = selftune(*argv, stdin="hi\n", timeout=300)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 1 and len(lines) == 1, (verb, done.stderr)
+        assert "its weights are not finite" in lines[0] and name in lines[0], verb
+    assert not (tmp_path / "run" / "checkpoint-4-merged").exists()

@@ -411,3 +411,58 @@ def test_rows_cut_to_max_length_are_named_and_counted(tiny_model_dir, tmp_path):
     assert all(name in warning for name in named)
     args = json.loads((only_run_dir(tmp_path / "out") / "args.json").read_text())
     assert args["data"] == {"rows": 8, "kept": 8, "truncated": 4, "dropped": 0}
+
+
+DIVERGING = (
+    "--save_steps 1 --gradient_accumulation_steps 1 --torch_dtype float32 "
+    "--lr_scheduler_type constant"
+).split()
+
+
+def diverging_run(model_dir, output, learning_rate, *extra):
+    return selftune(
+        "sft", "--model", model_dir, "--dataset", FIXTURES / "self_cognition.json",
+        "--output_dir", output, "--learning_rate", learning_rate, *DIVERGING, *extra,
+    )  # fmt: skip
+
+
+def answer(checkpoint):
+    done = selftune(
+        "infer", "--adapters", checkpoint, "--temperature", "0", "--max_new_tokens", "8",
+        stdin="你是谁?\n",
+    )  # fmt: skip
+    text = done.stdout.replace("<<<", "").strip()
+    return done, text
+
+
+def test_a_diverging_run_names_a_checkpoint_that_answers(tiny_model_dir, tmp_path):
+    """A learning rate that blows the weights up a few steps in: the run stops, names the last
+    checkpoint whose weights gave a finite loss, and that one answers."""
+    done = diverging_run(
+        tiny_model_dir, tmp_path / "out", "30", "--max_steps", "12",
+        "--per_device_train_batch_size", "1",
+    )  # fmt: skip
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert "the last good checkpoint is " in last and len(last) < 400, last
+    named = Path(last.split("the last good checkpoint is ")[1].split()[0])
+    assert named.is_dir()
+    for weights in named.parent.glob("checkpoint-*/adapter_model.safetensors"):
+        assert all(t.isfinite().all() for t in load_file(weights).values()), weights
+    answered, text = answer(named)
+    assert answered.returncode == 0 and text, answered.stderr
+
+
+def test_a_run_that_diverges_at_once_names_no_checkpoint(tiny_model_dir, tmp_path):
+    """The first update already breaks the model (its weights finite, every logit NaN): no
+    checkpoint is called good, and generating from the one saved fails loudly."""
+    done = diverging_run(tiny_model_dir, tmp_path / "out", "1e10", "--max_steps", "6")
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert "the loss became nan at step 2; no good checkpoint was saved" in last
+    assert "checkpoint-1 holds the weights that diverged" in last
+    (saved,) = (tmp_path / "out").glob("*/checkpoint-1")
+    answered, text = answer(saved)
+    assert answered.returncode == 1 and not text
+    error = answered.stderr.strip().splitlines()[-1]
+    assert error.startswith("selftune: error: the model gave non-finite logits")
