@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 
 from selftune.generate import SamplingParams, generate
-from selftune.models import load_model
 from selftune.replay import MAX_NEW_TOKENS, PROMPTS, SHIPPED
+
+from selftune.models import load_model
 
 
 def main() -> None:

@@ -280,7 +280,12 @@ class KbArgs:
         default=None,
     )
     prune: bool = _help("kb add: drop documents whose files are gone", default=False)
-    top_k: int = _help("kb search: passages to show", default=5)
+    top_k: int = _help("kb search: passages to show; kb eval: the k of recall@k", default=5)
+    qa: str | None = _help(
+        "kb eval: JSONL of {id, lang, question, doc, answers} (default: the shipped set)",
+        default=None,
+    )
+    output: str | None = _help("kb eval: also write the figures to this JSON file", default=None)
     json: bool = _help("kb search: print the passages as JSON", default=False)
     debug: bool = _help("print full tracebacks", default=False)
 

@@ -17,6 +17,7 @@ SUBVERBS = {
     "ls": "",
     "rm": "NAME",
     "search": "NAME QUERY",
+    "eval": "NAME",
 }
 
 
@@ -57,7 +58,27 @@ def run(command: KbCommand) -> int:
         return 0
     if command.subverb == "add":
         return add(path, [Path(p) for p in command.positionals[1:]], command.flags)
+    if command.subverb == "eval":
+        return evaluate(name, command.flags)
     return search(name, " ".join(command.positionals[1:]), command.flags)
+
+
+def evaluate(name: str, flags: KbArgs) -> int:
+    """Retrieval figures of the knowledge base on a question set (the shipped one by default)."""
+    from selftune.atomic import write_json_atomic
+    from selftune.kb.evaluate import as_json, load_questions, retrieval_report, table
+    from selftune.kb.retrieve import open_kb
+
+    questions = load_questions(Path(flags.qa) if flags.qa else None)
+    kb = open_kb(name, flags.embedder)
+    try:
+        report = retrieval_report(kb, questions, flags.top_k)
+    finally:
+        kb.close()
+    print(table(report))
+    if flags.output:
+        write_json_atomic(Path(flags.output), as_json(report))
+    return 0
 
 
 def add(path: Path, paths: list[Path], flags: KbArgs) -> int:

@@ -18,12 +18,12 @@ from selftune.errors import SelftuneError, UsageError
 from selftune.kb.chunk import chunk_document
 from selftune.kb.embed import Embedder
 from selftune.kb.parse import parse
-from selftune.kb.words import words
+from selftune.kb.words import index_words
 from selftune.models.resolve import selftune_home
 
 log = logging.getLogger(__name__)
 SUFFIX = ".sqlite"
-EMBED_BATCH = 64
+EMBED_BATCH = 16  # the embedder's peak memory grows with its batch, its speed does not
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS documents (
@@ -178,7 +178,7 @@ def add_one(conn: sqlite3.Connection, file: Path, embedder: Embedder, report: Ad
         ).lastrowid
         conn.execute(
             "INSERT INTO chunk_words (rowid, words) VALUES (?, ?)",
-            (chunk_id, " ".join(words(chunk.text))),
+            (chunk_id, " ".join(index_words(chunk.text))),
         )
     (report.replaced if row is not None else report.added).append(str(file))
     report.chunks += len(chunks)

@@ -168,9 +168,15 @@ def pdf_sections(path: Path) -> list[Section]:
     sections = []
     for number, page in enumerate(reader.pages, start=1):
         text = page.extract_text() or ""
-        paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+        paragraphs = [unwrap(p) for p in re.split(r"\n\s*\n", text) if p.strip()]
         sections.append(Section((title,), "\n\n".join(paragraphs), page=number))
     return sections
+
+
+def unwrap(text: str) -> str:
+    """A PDF paragraph's lines joined: nothing between two CJK characters, a space elsewhere."""
+    text = re.sub(r"(?<=[\u3000-\u303f\u4e00-\u9fff\uff00-\uffef])\n(?=[\u4e00-\u9fff])", "", text)
+    return re.sub(r"\s*\n\s*", " ", text).strip()
 
 
 def docx_sections(path: Path) -> list[Section]:

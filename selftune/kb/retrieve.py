@@ -14,7 +14,10 @@ from selftune.kb.index import check_embedder, connect, index_path, meta
 from selftune.kb.words import query_words
 
 CANDIDATES = 50  # from each ranking, before fusion
-RRF_K = 60  # reciprocal rank fusion: score = sum of 1 / (RRF_K + rank)
+RRF_K = 60  # reciprocal rank fusion: score = sum of weight / (RRF_K + rank)
+# BM25 counts twice: its matches on names (and their pinyin) are precise where the small
+# embedder is weak, across languages above all (bench/README.md, "Knowledge base")
+BM25_WEIGHT = 2.0
 
 
 @dataclass
@@ -88,9 +91,10 @@ class KnowledgeBase:
         dense = self.dense(query_vector, CANDIDATES)
         similarity = dict(dense)
         fused: dict[int, float] = {}
-        for ranking in ([i for i, _ in dense], self.bm25(query, CANDIDATES)):
+        rankings = ((1.0, [i for i, _ in dense]), (BM25_WEIGHT, self.bm25(query, CANDIDATES)))
+        for weight, ranking in rankings:
             for rank, chunk_id in enumerate(ranking):
-                fused[chunk_id] = fused.get(chunk_id, 0.0) + 1.0 / (RRF_K + rank + 1)
+                fused[chunk_id] = fused.get(chunk_id, 0.0) + weight / (RRF_K + rank + 1)
         best = sorted(fused, key=lambda i: -fused[i])[:top_k]
         missing = [i for i in best if i not in similarity]
         if missing:  # BM25 found them beyond the dense candidates: their cosine all the same

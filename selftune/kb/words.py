@@ -1,5 +1,7 @@
 """Words for BM25 in both languages: jieba's search segmentation for Chinese (character bigrams
-where jieba is missing), lower-cased words for everything else."""
+where jieba is missing), lower-cased words for everything else. An index also holds the pinyin
+of its Chinese words and character pairs, so that an English question that writes a Chinese
+name in pinyin ("Yunxi kiln") finds the passage that writes it in characters (云溪窑)."""
 
 from __future__ import annotations
 
@@ -38,6 +40,32 @@ def cjk_words(run: str) -> list[str]:
     if len(run) == 1:
         return [run]
     return [run[i : i + 2] for i in range(len(run) - 1)]
+
+
+@functools.cache
+def pinyin_of():
+    """pypinyin's tone-less syllables of a string, or None where pypinyin is not installed."""
+    try:
+        from pypinyin import lazy_pinyin
+    except ImportError:
+        return None
+    return lazy_pinyin
+
+
+def index_words(text: str) -> list[str]:
+    """The words a passage is found by: `words`, and the pinyin of each Chinese word and
+    character pair."""
+    found = words(text)
+    pinyin = pinyin_of()
+    if pinyin is None:
+        return found
+    spellings: set[str] = set()
+    for match in CJK_RUN.finditer(text):
+        run = match.group(0)
+        pieces = [w for w in cjk_words(run) if len(w) > 1]
+        pieces += [run[i : i + 2] for i in range(len(run) - 1)]
+        spellings.update("".join(pinyin(piece)) for piece in pieces)
+    return found + sorted(spellings)
 
 
 def query_words(text: str) -> list[str]:
