@@ -54,6 +54,15 @@ class InferArgs(ModelArgs, GenerationArgs):
     result_path: str | None = _help("JSONL file for batch answers", default=None)
     max_batch_size: int = _help("rows decoded together in batch mode", default=8)
     merge_lora: bool = _help("merge the adapters into the base weights", default=False)
+    kb: str | None = _help(
+        "answer from this knowledge base (a name, or the path of its index): the passages "
+        "retrieved go into the question, the answer cites them",
+        default=None,
+    )
+    kb_top_k: int = _help("passages given with each question", default=4)
+    kb_threshold: float = _help(
+        "cosine similarity of the best passage below which none is given", default=0.80
+    )
 
 
 @dataclass

@@ -28,6 +28,12 @@ def run(args: InferArgs) -> int:
         from selftune.data.formats import load_dataset_files
 
         conversations = load_dataset_files(args.val_dataset)
+    ground = None
+    if args.kb:  # opened (and its embedder loaded) before the model
+        from selftune.kb.answer import Grounder
+        from selftune.kb.retrieve import open_kb
+
+        ground = Grounder(open_kb(args.kb), args.kb_top_k, args.kb_threshold)
     loaded = load_for_inference(args, merge_lora=args.merge_lora)
     params = sampling_from_args(args, loaded.model.generation_config)
     if conversations is not None:
@@ -40,8 +46,11 @@ def run(args: InferArgs) -> int:
             loaded.system,
             result_path,
             batch_size=args.max_batch_size,
+            ground=ground,
         )
         log.info("wrote %d answers to %s", len(rows), result_path)
         return 0
-    chat_loop(loaded.model, loaded.tokenizer, params, loaded.system, stream=args.stream)
+    chat_loop(
+        loaded.model, loaded.tokenizer, params, loaded.system, stream=args.stream, ground=ground
+    )
     return 0

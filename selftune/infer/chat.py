@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -12,6 +13,8 @@ from selftune.atomic import write_jsonl_atomic
 from selftune.infer.generate import Messages, generate
 from selftune.infer.sampling import SamplingParams
 
+# messages -> (messages with retrieved passages, their sources): kb.answer.Grounder
+Grounding = Callable[[list[dict[str, str]]], tuple[list[dict[str, str]], list[dict[str, Any]]]]
 COMMANDS = ("exit", "quit", "clear", "reset-system", "multi-line", "single-line")
 HELP = (
     "Commands: `clear` forgets the conversation, `reset-system` sets a new system prompt, "
@@ -62,8 +65,10 @@ def chat_loop(
     stdin: TextIO = sys.stdin,
     stdout: TextIO = sys.stdout,
     forward_kwargs: dict[str, Any] | None = None,
+    ground: Grounding | None = None,
 ) -> None:
-    """Read messages until `exit`/EOF, answering each with the whole conversation as context."""
+    """Read messages until `exit`/EOF, answering each with the whole conversation as context;
+    with `ground`, from the passages it retrieves, which are listed after the answer."""
     session = ChatSession(system=system)
     multi_line = False
     if stdin.isatty():
@@ -97,10 +102,11 @@ def chat_loop(
             stdout.write(piece)
             stdout.flush()
 
+        messages, sources = ground(session.messages(query)) if ground else (None, [])
         (answer,) = generate(
             model,
             tokenizer,
-            [session.messages(query)],
+            [messages or session.messages(query)],
             params,
             on_text=show if stream else None,
             forward_kwargs=forward_kwargs,
@@ -108,11 +114,20 @@ def chat_loop(
         if not stream:
             stdout.write(answer.text)
         stdout.write("\n")
+        if ground is not None:
+            from selftune.kb.answer import source_lines
+
+            lines = source_lines(sources) or ["(no passage of the knowledge base is about this)"]
+            stdout.write("".join(f"    {line}\n" for line in lines))
         stdout.flush()
         session.history += [
             {"role": "user", "content": query},
             {"role": "assistant", "content": answer.text},
         ]
+
+
+def query_of(messages: Messages) -> str:
+    return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
 
 
 def split_reference(conversation: Messages) -> tuple[Messages, str | None]:
@@ -137,8 +152,10 @@ def batch_infer(
     result_path: Path,
     batch_size: int = 8,
     forward_kwargs: dict[str, Any] | None = None,
+    ground: Grounding | None = None,
 ) -> list[dict[str, Any]]:
-    """Answer every row, write one JSON line per row, and return the rows."""
+    """Answer every row, write one JSON line per row, and return the rows (with `ground`, each
+    with the `sources` its answer was given)."""
     from tqdm import tqdm
 
     rows: list[dict[str, Any]] = []
@@ -147,11 +164,15 @@ def batch_infer(
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         prompts = [with_system(prompt, system) for prompt, _ in chunk]
+        grounded = [ground(p) for p in prompts] if ground else [(p, None) for p in prompts]
+        questions = [query_of(p) for p in prompts]
+        prompts = [p for p, _ in grounded]
         began = time.perf_counter()
         answers = generate(model, tokenizer, prompts, params, forward_kwargs=forward_kwargs)
         elapsed = time.perf_counter() - began
-        for prompt, (_, reference), answer in zip(prompts, chunk, answers):
-            query = next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
+        for prompt, (_, reference), answer, query, (_, sources) in zip(
+            prompts, chunk, answers, questions, grounded
+        ):
             rows.append(
                 {
                     "query": query,
@@ -162,6 +183,7 @@ def batch_infer(
                     "completion_tokens": answer.completion_tokens,
                     "finish_reason": answer.finish_reason,
                     "latency_s": round(elapsed, 4),
+                    **({"sources": sources} if ground else {}),
                 }
             )
         bar.update(len(chunk))

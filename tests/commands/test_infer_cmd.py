@@ -87,3 +87,38 @@ def test_checkpoints_with_non_finite_weights_are_refused_in_one_line(tmp_path, t
         assert done.returncode == 1 and len(lines) == 1, (verb, done.stderr)
         assert "its weights are not finite" in lines[0] and name in lines[0], verb
     assert not (tmp_path / "run" / "checkpoint-4-merged").exists()
+
+
+def test_answers_from_a_knowledge_base_carry_their_sources(tiny_model_dir, tmp_path):
+    """`infer --kb`: each batch answer's row names the passages it was given, and chat lists
+    them after each answer; the question keeps its own text in the row."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "kitchen.md").write_text(
+        "# Orbital Kitchen\n\n## Menu\n\nThe Comet Stew costs 14 credits.\n", "utf-8"
+    )
+    (docs / "harbor.md").write_text("# 星河港\n\n## 灯塔\n\n最老的灯塔叫白石塔。\n", "utf-8")
+    env = {"SELFTUNE_HOME": str(tmp_path / "home")}
+    added = selftune("kb", "add", "docs", docs, env=env)
+    assert added.returncode == 0, added.stderr
+    data = tmp_path / "q.jsonl"
+    rows = [{"query": "How much is the Comet Stew?", "response": "14 credits"},
+            {"query": "最老的灯塔叫什么?", "response": "白石塔"}]  # fmt: skip
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
+    result = tmp_path / "res.jsonl"
+    done = selftune(
+        "infer", "--model", tiny_model_dir, "--kb", "docs", "--kb_threshold", "0",
+        "--val_dataset", data, "--result_path", result, "--max_new_tokens", "4", env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    answered = [json.loads(line) for line in result.read_text().splitlines()]
+    assert [r["query"] for r in answered] == [r["query"] for r in rows]
+    assert answered[0]["sources"][0]["path"].endswith("kitchen.md")
+    assert answered[1]["sources"][0]["path"].endswith("harbor.md")
+    assert "[1] 星河港 > 灯塔\n最老的灯塔叫白石塔。" in answered[1]["messages"][-1]["content"]
+    chat = selftune(
+        "infer", "--model", tiny_model_dir, "--kb", "docs", "--kb_threshold", "0",
+        "--max_new_tokens", "4", env=env, stdin="How much is the Comet Stew?\n",
+    )  # fmt: skip
+    assert chat.returncode == 0, chat.stderr
+    assert "kitchen.md: Orbital Kitchen > Menu" in chat.stdout
