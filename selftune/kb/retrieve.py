@@ -65,7 +65,9 @@ class KnowledgeBase:
 
     def dense(self, query_vector: np.ndarray, n: int) -> list[tuple[int, float]]:
         similarities = self.vectors @ query_vector
-        order = np.argsort(-similarities)[:n]
+        n = min(n, len(similarities))
+        best = np.argpartition(-similarities, n - 1)[:n]  # no full sort of every chunk
+        order = best[np.argsort(-similarities[best])]
         return [(int(self.ids[i]), float(similarities[i])) for i in order]
 
     def bm25(self, query: str, n: int) -> list[int]:
