@@ -277,6 +277,15 @@ class ServeArgs(ModelArgs, GenerationArgs):
     )
     max_batch_size: int = _help("most requests decoded together in one batch", default=16)
     max_body_bytes: int = _help("largest request body accepted, in bytes", default=1 << 20)
+    kb: list[str] = _help(
+        "knowledge bases served, NAME or NAME=PATH (the name requests use: the model alias "
+        "MODEL+NAME, or the body field kb)",
+        default_factory=list,
+    )
+    kb_top_k: int = _help("passages given with each question", default=4)
+    kb_threshold: float = _help(
+        "cosine similarity of the best passage below which none is given", default=0.80
+    )
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 from pathlib import Path
+from typing import Any
 
 from selftune.args import ServeArgs
 from selftune.errors import SelftuneError, UsageError
@@ -52,6 +53,20 @@ def listen(host: str, port: int) -> socket.socket:
         raise SelftuneError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
 
 
+def open_knowledge(values: list[str], top_k: int, threshold: float) -> dict[str, Any]:
+    """--kb NAME or NAME=PATH: each knowledge base opened (its embedder loaded) at start-up."""
+    from selftune.kb.answer import Grounder
+    from selftune.kb.retrieve import open_kb
+
+    knowledge: dict[str, Any] = {}
+    for value in values:
+        name, _, where = value.partition("=")
+        if not name or "+" in name or name in knowledge:
+            raise UsageError(f"--kb {value}: give each knowledge base its own name, without '+'")
+        knowledge[name] = Grounder(open_kb(where or name), top_k, threshold)
+    return knowledge
+
+
 def run(args: ServeArgs) -> int:
     import torch
     import uvicorn
@@ -71,6 +86,7 @@ def run(args: ServeArgs) -> int:
     name = args.served_model_name or base_model_name(spec)
     if name in checkpoints:
         raise UsageError(f"--adapters: '{name}' is the base model's name; pick another name")
+    knowledge = open_knowledge(args.kb, args.kb_top_k, args.kb_threshold)
     sock = listen(args.host, args.port)
 
     model, tokenizer, _ = load_model(spec, args.torch_dtype, args.device, args.quant_bits)
@@ -86,7 +102,8 @@ def run(args: ServeArgs) -> int:
     torch.manual_seed(args.seed)
 
     engine = Engine(model, tokenizer, args.max_batch_size).start()
-    app = create_app(engine, ServerConfig(served, defaults, args.api_key, args.max_body_bytes))
+    config = ServerConfig(served, defaults, args.api_key, args.max_body_bytes, knowledge)
+    app = create_app(engine, config)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     names = ", ".join(each.name for each in served)

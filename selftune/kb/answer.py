@@ -5,7 +5,8 @@ as trained, so the identity holds. Below the relevance threshold no passage is g
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Any
 
 from selftune.kb.retrieve import Hit, KnowledgeBase
@@ -39,13 +40,16 @@ class Grounder:
     kb: KnowledgeBase
     top_k: int = TOP_K
     threshold: float = THRESHOLD
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one query at a time
 
     def __call__(self, messages: Messages) -> tuple[Messages, list[dict[str, Any]]]:
         last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
         if last is None:
             return messages, []
         question = messages[last]["content"]
-        hits = [h for h in self.kb.search(question, self.top_k) if h.similarity >= self.threshold]
+        with self.lock:
+            found = self.kb.search(question, self.top_k)
+        hits = [h for h in found if h.similarity >= self.threshold]
         if not hits:
             return messages, []
         grounded = {"role": "user", "content": grounded_question(question, hits)}

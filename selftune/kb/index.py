@@ -55,7 +55,8 @@ def connect(path: Path, create: bool = False) -> sqlite3.Connection:
         raise SelftuneError(f"{path}: no such knowledge base (selftune kb add NAME FILES...)")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        conn = sqlite3.connect(str(path), isolation_level=None)  # transactions by hand
+        # transactions by hand; a server queries from its worker threads (kb.answer locks)
+        conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA foreign_keys = ON")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.executescript(SCHEMA)

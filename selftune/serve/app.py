@@ -7,9 +7,9 @@ import asyncio
 import hmac
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -47,6 +47,8 @@ class ServerConfig:
     defaults: SamplingParams  # flags and the model's generation_config; requests override
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
+    # knowledge bases by name: a request names one in `kb`, or as the model alias MODEL+KB
+    knowledge: dict[str, Callable[..., Any]] = field(default_factory=dict)
 
 
 class ClientGone(Exception):
@@ -156,12 +158,27 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
                 kind="authentication_error",
             )
 
-    def pick_model(name: str) -> ServedModel:
+    def pick_knowledge(body: ChatRequest) -> tuple[ServedModel, Callable[..., Any] | None]:
+        """The model and knowledge base a chat request asks for: `kb`, or MODEL+KB."""
+        name, kb = body.model, body.kb
+        if name not in by_name and "+" in name:
+            name, kb = name.rsplit("+", 1)
+        served = pick_model(name, body.model)
+        if kb is None:
+            return served, None
+        if kb not in config.knowledge:
+            known = ", ".join(config.knowledge) or "none"
+            raise ApiError(
+                404, f"knowledge base '{kb}' is not served here; this server has: {known}", "kb"
+            )
+        return served, config.knowledge[kb]
+
+    def pick_model(name: str, asked: str | None = None) -> ServedModel:
         if name not in by_name:
             known = ", ".join(by_name)
             raise ApiError(
                 404,
-                f"model '{name}' does not exist; this server has: {known}",
+                f"model '{asked or name}' does not exist; this server has: {known}",
                 param="model",
                 code="model_not_found",
             )
@@ -201,25 +218,37 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     @app.get("/v1/models", dependencies=[Depends(check_key)])
     async def list_models() -> dict[str, Any]:
         cards = [model_card(m.name, m.parent, created) for m in config.models]
+        cards += [
+            model_card(f"{m.name}+{kb}", m.name, created)
+            for m in config.models
+            for kb in config.knowledge
+        ]
         return {"object": "list", "data": cards}
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
     async def chat_completions(request: Request) -> Any:
         body = parse_request(await read_body(request, config.max_body_bytes), ChatRequest)
-        served = pick_model(body.model)
-        prompt = await asyncio.to_thread(render_chat, chat_messages(body, served))
+        served, ground = pick_knowledge(body)
+        messages, sources = chat_messages(body, served), None
+        if ground is not None:  # the passages go into the last user turn; the system stays
+            messages, sources = await asyncio.to_thread(ground, messages)
+        prompt = await asyncio.to_thread(render_chat, messages)
         check_length(prompt, "messages")
         job = Job(prompt, sampling_for(body, config.defaults), served.adapter)
         request_id = new_id("chatcmpl")
         if body.stream:
-            events = stream_chat(job, request_id, body.model, body.include_usage())
+            events = stream_chat(job, request_id, body.model, body.include_usage(), sources)
             return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
         done = await unless_disconnected(request, engine.complete(job))
         counts = usage(done.prompt_tokens, done.completion_tokens)
-        return chat_response(request_id, body.model, done.text, done.finish_reason, counts)
+        return chat_response(request_id, body.model, done.text, done.finish_reason, counts, sources)
 
     async def stream_chat(
-        job: Job, request_id: str, model: str, include_usage: bool
+        job: Job,
+        request_id: str,
+        model: str,
+        include_usage: bool,
+        sources: list[dict[str, Any]] | None = None,
     ) -> AsyncIterator[str]:
         yield sse(chat_chunk(request_id, model, {"role": "assistant", "content": ""}))
         done = None
@@ -231,7 +260,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
             else:
                 yield sse(piece)  # an error body: the 200 status line has already gone out
         if done is not None:
-            yield sse(chat_chunk(request_id, model, {}, done.finish_reason))
+            yield sse(chat_chunk(request_id, model, {}, done.finish_reason, sources=sources))
             if include_usage:
                 counts = usage(done.prompt_tokens, done.completion_tokens)
                 yield sse(chat_chunk(request_id, model, None, counts=counts))

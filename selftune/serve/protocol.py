@@ -128,6 +128,7 @@ class SamplingRequest(BaseModel):
 
 class ChatRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
+    kb: str | None = None  # a knowledge base the server holds (or the model alias MODEL+KB)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
 
@@ -195,7 +196,12 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def chat_response(
-    request_id: str, model: str, text: str, finish_reason: str, counts: dict[str, int]
+    request_id: str,
+    model: str,
+    text: str,
+    finish_reason: str,
+    counts: dict[str, int],
+    sources: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     choice = {
         "index": 0,
@@ -210,6 +216,7 @@ def chat_response(
         "model": model,
         "choices": [choice],
         "usage": counts,
+        **({"sources": sources} if sources is not None else {}),
     }
 
 
@@ -219,8 +226,10 @@ def chat_chunk(
     delta: dict[str, str] | None,
     finish_reason: str | None = None,
     counts: dict[str, int] | None = None,
+    sources: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """One streamed event; with `counts` and no delta it is the final usage-only chunk."""
+    """One streamed event; with `counts` and no delta it is the final usage-only chunk; the
+    chunk that finishes a knowledge-base answer carries its `sources`."""
     choices = []
     if delta is not None:
         choices = [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
@@ -233,6 +242,8 @@ def chat_chunk(
     }
     if counts is not None:
         chunk["usage"] = counts
+    if sources is not None:
+        chunk["sources"] = sources
     return chunk
 
 

@@ -64,11 +64,28 @@ def wait_for_health(url: str, timeout: float) -> None:
 
 
 @pytest.fixture(scope="session")
-def server(smol_folder, identity_checkpoint, tmp_path_factory):
+def kb_index(tmp_path_factory) -> Path:
+    """A knowledge base of two small documents, one per language, served as `docs`."""
+    from selftune.kb.embed import load_embedder
+    from selftune.kb.index import add_files
+
+    folder = tmp_path_factory.mktemp("kb-docs")
+    (folder / "kitchen.md").write_text(
+        "# Orbital Kitchen\n\n## Menu\n\nThe Comet Stew costs 14 credits.\n", "utf-8"
+    )
+    (folder / "harbor.md").write_text("# 星河港\n\n## 灯塔\n\n最老的灯塔叫白石塔。\n", "utf-8")
+    index = folder / "docs.sqlite"
+    add_files(index, sorted(folder.glob("*.md")), load_embedder())
+    return index
+
+
+@pytest.fixture(scope="session")
+def server(smol_folder, identity_checkpoint, kb_index, tmp_path_factory):
     """`selftune serve --port 0`: the printed URL carries the port the OS picked."""
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     flags = ["--model", BASE, "--adapters", f"{ADAPTER}={identity_checkpoint}", "--port", "0"]
     flags += ["--api_key", API_KEY, "--max_body_bytes", str(MAX_BODY_BYTES)]
+    flags += ["--kb", f"docs={kb_index}", "--kb_threshold", "0"]
     with log.open("w", encoding="utf-8") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "selftune", "serve", *flags], stdout=out, stderr=out

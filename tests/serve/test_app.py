@@ -33,8 +33,10 @@ def ask(client, model: str, messages, max_tokens: int = 16, **kwargs):
 
 def test_models_lists_the_base_and_each_adapter(client, server):
     cards = {card.id: card for card in client.models.list().data}
-    assert set(cards) == {server.base, server.adapter}
+    aliases = {f"{server.base}+docs", f"{server.adapter}+docs"}  # with the knowledge base
+    assert set(cards) == {server.base, server.adapter} | aliases
     assert cards[server.adapter].model_dump()["parent"] == server.base
+    assert cards[f"{server.adapter}+docs"].model_dump()["parent"] == server.adapter
 
 
 def test_openai_client_gets_paris(client, server, smol_tokenizer):
@@ -245,3 +247,35 @@ def test_an_adapter_default_system_prompt_applies_only_without_one():
     given = ChatRequest(model="xinghe", messages=own)
     assert chat_messages(given, served) == [{"role": "system", "content": "Be brief."}, *WHO]
     assert chat_messages(bare, ServedModel("base")) == WHO
+
+
+KITCHEN = [{"role": "user", "content": "How much does the Comet Stew cost?"}]
+
+
+def test_knowledge_base_answers_carry_their_sources(client, server):
+    """MODEL+KB, or the body field `kb`: the answer comes with its ranked sources, whole and
+    in the last streamed chunk; the passages reach the prompt, the system prompt stays."""
+    answer = ask(client, f"{server.adapter}+docs", KITCHEN)
+    sources = answer.model_dump()["sources"]
+    assert sources[0]["path"].endswith("kitchen.md") and sources[0]["rank"] == 1
+    assert sources[0]["heading"] == "Orbital Kitchen > Menu" and "14 credits" in sources[0]["text"]
+    plain = ask(client, server.adapter, KITCHEN)
+    assert "sources" not in plain.model_dump()
+    assert answer.usage.prompt_tokens > plain.usage.prompt_tokens + 10  # the passages went in
+    by_field = ask(client, server.base, KITCHEN, extra_body={"kb": "docs"})
+    assert by_field.model_dump()["sources"] == sources
+    chunks = list(ask(client, f"{server.adapter}+docs", KITCHEN, stream=True))
+    last = [c for c in chunks if c.choices and c.choices[0].finish_reason][-1]
+    assert last.model_dump()["sources"] == sources
+
+
+def test_an_unknown_knowledge_base_is_a_404_in_openai_shape(server):
+    with server.client() as http:
+        response = http.post(
+            "/v1/chat/completions",
+            json={"model": server.base, "messages": KITCHEN, "kb": "nope"},
+        )
+        assert response.status_code == 404
+        error = response.json()["error"]
+        assert error["param"] == "kb" and "this server has: docs" in error["message"]
+        assert http.get("/health").status_code == 200

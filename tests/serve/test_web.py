@@ -73,3 +73,26 @@ def test_web_page_chats_with_streaming(server, artifacts_dir):
             page.screenshot(path=str(artifacts_dir / "serve_web_adapter.png"), full_page=True)
         finally:
             browser.close()
+
+
+def test_web_page_shows_the_sources_of_a_knowledge_base_answer(server):
+    chromium = shutil.which("chromium")
+    assert chromium, "the web page test needs Debian's chromium (apt-get install chromium)"
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(server.url + "/")
+            page.fill("#api-key", server.api_key)
+            page.dispatch_event("#api-key", "change")
+            page.wait_for_selector("#model[data-loaded=true]", state="attached")
+            page.select_option("#model", f"{server.adapter}+docs")
+            send(page, "How much does the Comet Stew cost?")
+            sources = page.locator("#messages .sources li")
+            sources.first.wait_for(timeout=10_000)
+            assert sources.first.inner_text() == "kitchen.md: Orbital Kitchen > Menu"
+            assert "14 credits" in sources.first.get_attribute("title")
+        finally:
+            browser.close()
