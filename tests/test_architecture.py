@@ -135,3 +135,9 @@ def test_decode_imports_no_training_module():
 
     for decode in ("selftune.infer.generate", "selftune.infer.static_decode"):
         assert {m for m in reachable(decode) if m.startswith("selftune.train")} == set()
+
+
+def test_test_modules_have_unique_names():
+    """pytest imports test files by their base name (rootdir mode): two alike break collection."""
+    names = [p.name for p in (PACKAGE.parent / "tests").rglob("test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []

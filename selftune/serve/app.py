@@ -24,10 +24,12 @@ from selftune.serve.protocol import (
     ApiError,
     ChatRequest,
     CompletionRequest,
+    EmbeddingRequest,
     SamplingRequest,
     chat_chunk,
     chat_response,
     completion_response,
+    embedding_response,
     error_body,
     model_card,
     new_id,
@@ -274,6 +276,34 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
                     yield event
         except Exception as exc:
             yield error_body(f"{type(exc).__name__}: {exc}", "server_error", code="internal_error")
+
+    @app.post("/v1/embeddings", dependencies=[Depends(check_key)])
+    async def embeddings(request: Request) -> Any:
+        """The knowledge bases' embedder (the default one where none is served), as passage
+        vectors, so that other tools index alike."""
+        body = parse_request(await read_body(request, config.max_body_bytes), EmbeddingRequest)
+        embedder = await asyncio.to_thread(knowledge_embedder)
+        if body.model not in (None, embedder.name):
+            raise ApiError(
+                404, f"model '{body.model}': this server embeds with {embedder.name}", "model"
+            )
+        texts = body.texts()
+        vectors = await asyncio.to_thread(embedder.passages, texts)
+        tokens = sum(len(engine.tokenizer(text)["input_ids"]) for text in texts)
+        return embedding_response(embedder.name, vectors, tokens, body.encoding_format)
+
+    embedders: list[Any] = []
+
+    def knowledge_embedder() -> Any:
+        if not embedders:
+            grounders = list(config.knowledge.values())
+            if grounders:
+                embedders.append(grounders[0].kb.embedder)
+            else:
+                from selftune.kb.embed import load_embedder
+
+                embedders.append(load_embedder())
+        return embedders[0]
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(request: Request) -> Any:

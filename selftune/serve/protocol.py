@@ -166,7 +166,58 @@ class CompletionRequest(SamplingRequest):
         return value
 
 
-def parse_request(raw: bytes, request_type: type[SamplingRequest]) -> Any:
+class EmbeddingRequest(BaseModel):
+    """/v1/embeddings, as OpenAI's: one text or a list of them."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    input: str | list[str]
+    encoding_format: str = "float"
+
+    @field_validator("input")
+    @classmethod
+    def some_text(cls, value: Any) -> Any:
+        texts = [value] if isinstance(value, str) else value
+        if not texts or len(texts) > 2048:
+            raise ValueError("give 1 to 2048 texts")
+        return value
+
+    @field_validator("encoding_format")
+    @classmethod
+    def known_format(cls, value: str) -> str:
+        if value not in ("float", "base64"):
+            raise ValueError("use float or base64")
+        return value
+
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+def embedding_response(model: str, vectors: Any, tokens: int, encoding: str) -> dict[str, Any]:
+    """`encoding` base64: each vector's little-endian float32 bytes (what OpenAI's client asks
+    for by default, and decodes itself)."""
+    import base64
+
+    import numpy as np
+
+    def encoded(vector: Any) -> Any:
+        if encoding == "base64":
+            return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+        return [float(x) for x in vector]
+
+    data = [
+        {"object": "embedding", "index": i, "embedding": encoded(vector)}
+        for i, vector in enumerate(vectors)
+    ]
+    return {
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
+
+
+def parse_request(raw: bytes, request_type: type[BaseModel]) -> Any:
     """Decode and check a body; any problem is one 400 naming the field."""
     try:
         data = json.loads(raw)

