@@ -49,7 +49,17 @@ class GenerationArgs:
 
 
 @dataclass
-class InferArgs(ModelArgs, GenerationArgs):
+class KbAnswerArgs:
+    """How answers from a knowledge base take its passages (infer --kb, serve --kb)."""
+
+    kb_top_k: int = _help("passages given with each question", default=4)
+    kb_threshold: float = _help(
+        "cosine similarity of the best passage below which none is given", default=0.80
+    )
+
+
+@dataclass
+class InferArgs(ModelArgs, GenerationArgs, KbAnswerArgs):
     val_dataset: list[str] = _help("run these datasets through the model", default_factory=list)
     result_path: str | None = _help("JSONL file for batch answers", default=None)
     max_batch_size: int = _help("rows decoded together in batch mode", default=8)
@@ -58,10 +68,6 @@ class InferArgs(ModelArgs, GenerationArgs):
         "answer from this knowledge base (a name, or the path of its index): the passages "
         "retrieved go into the question, the answer cites them",
         default=None,
-    )
-    kb_top_k: int = _help("passages given with each question", default=4)
-    kb_threshold: float = _help(
-        "cosine similarity of the best passage below which none is given", default=0.80
     )
 
 
@@ -261,7 +267,7 @@ class DemoArgs(SftArgs):
 
 
 @dataclass
-class ServeArgs(ModelArgs, GenerationArgs):
+class ServeArgs(ModelArgs, GenerationArgs, KbAnswerArgs):
     """`selftune serve`: the OpenAI-compatible API and the web chat page."""
 
     adapters: list[str] = _help(
@@ -281,10 +287,6 @@ class ServeArgs(ModelArgs, GenerationArgs):
         "knowledge bases served, NAME or NAME=PATH (the name requests use: the model alias "
         "MODEL+NAME, or the body field kb)",
         default_factory=list,
-    )
-    kb_top_k: int = _help("passages given with each question", default=4)
-    kb_threshold: float = _help(
-        "cosine similarity of the best passage below which none is given", default=0.80
     )
 
 
