@@ -40,7 +40,8 @@ def test_web_page_chats_with_streaming(server, artifacts_dir):
             page.dispatch_event("#api-key", "change")  # the page lists models with the key
             page.wait_for_selector("#model[data-loaded=true]", state="attached")
             options = page.eval_on_selector_all("#model option", "els => els.map(e => e.value)")
-            assert options == [server.base, server.adapter]
+            with_kb = [f"{server.base}+docs", f"{server.adapter}+docs"]  # the served knowledge base
+            assert options == [server.base, server.adapter, *with_kb]
 
             page.select_option("#model", server.base)
             page.fill("#temperature", "0")
